@@ -1,0 +1,221 @@
+"""MaCo: masked image modelling plus correlation-weighted image-report contrast, wired together.
+
+Spec: maco-method.md sections 1-6 (decisions D1-D5). One forward pass:
+  1. the image (2S x 2S with the super-resolution target) is downsampled to S x S and half its patches are masked;
+  2. the ViT encodes the visible patches; a light decoder predicts every masked patch of the full-size image;
+  3. the visible patch tokens, projected and averaged, meet the report embedding in a contrastive loss whose
+     per-pair weight is softplus of a linear function of *which* patches were visible (the correlation head).
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from loss import clip_loss, correlation_weighted_contrastive_loss, reconstruction_loss
+from text_encoder import TextEncoder, check_special_tokens
+from vit import Block, VisionTransformer, init_vit_weights, patchify, sincos_2d_pos_embed
+
+
+@dataclass
+class MaCoConfig:
+    # image encoder (ViT); img_size is the encoder's input side S
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    # decoder
+    decoder_width: int = 768
+    decoder_depth: int = 4
+    decoder_num_heads: int = 6
+    # text encoder (BERT-style) and the joint embedding
+    vocab_size: int = 30000
+    text_width: int = 384
+    text_depth: int = 6
+    text_num_heads: int = 6
+    text_ffn_width: int = 1536
+    max_len: int = 100
+    text_dropout: float = 0.1
+    embed_dim: int = 768
+    # objectives
+    super_resolution: bool = True  # D2: predict (2p)x(2p) patches of a 2S x 2S input
+    mask_ratio: float = 0.5
+    lam: float = 0.5  # D3: loss = lam * L_rec + (1 - lam) * L_con
+    norm_pix_loss: bool = False
+    correlation_weighting: bool = True  # D5; False gives plain symmetric InfoNCE
+    logit_scale_init: float = 1 / 0.03  # D4: raw inverse temperature
+    logit_scale_max: float = 100.0
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def input_size(self) -> int:
+        """Side of the images the training forward takes: 2S with the super-resolution target, else S."""
+        return 2 * self.img_size if self.super_resolution else self.img_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MaCoConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    # D1: the paper's and the released checkpoint's shapes (ViT-B/16, 768/4/6 decoder, BERT 384/6/6, pooler -> 768)
+    "base": {},
+    # For CPUs: a 64-pixel encoder on 8-pixel patches keeps the 8x8 = 64-patch grid coarse enough to learn in
+    # minutes, yet fine enough to place a finding on a side and in a zone; one grey channel (nothing to match
+    # ImageNet weights); widths a quarter of base or less. A step at batch 32 costs well under a second on 2 cores.
+    "tiny": dict(img_size=64, patch_size=8, in_chans=1, width=192, depth=4, num_heads=3,
+                 decoder_width=128, decoder_depth=2, decoder_num_heads=4,
+                 vocab_size=4096, text_width=128, text_depth=2, text_num_heads=2, text_ffn_width=512,
+                 embed_dim=192),
+}
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor over all processes along dim 0, keeping the gradient to every slice (D11)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+class MaCo(nn.Module):
+    def __init__(self, cfg: MaCoConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.width, cfg.depth,
+                                               cfg.num_heads, cfg.mlp_ratio)
+        # decoder: predicts the pixels of every masked patch (of the 2x image with the super-resolution target)
+        target_patch = 2 * cfg.patch_size if cfg.super_resolution else cfg.patch_size
+        self.decoder_embed = nn.Linear(cfg.width, cfg.decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
+        self.register_buffer("decoder_pos_embed", sincos_2d_pos_embed(cfg.decoder_width, cfg.img_size // cfg.patch_size))
+        self.decoder_blocks = nn.ModuleList([Block(cfg.decoder_width, cfg.decoder_num_heads, cfg.mlp_ratio)
+                                             for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_width, eps=1e-6)
+        self.decoder_pred = nn.Linear(cfg.decoder_width, target_patch ** 2 * cfg.in_chans)
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            module.apply(init_vit_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        # contrastive heads
+        self.text_encoder = TextEncoder(cfg.vocab_size, cfg.text_width, cfg.text_depth, cfg.text_num_heads,
+                                        cfg.text_ffn_width, cfg.max_len, dropout=cfg.text_dropout,
+                                        embed_dim=cfg.embed_dim)
+        self.image_proj = nn.Linear(cfg.width, cfg.embed_dim)
+        init_vit_weights(self.image_proj)
+        # correlation head: r = v . w + b over the visibility of the N patch positions, zero at init (c = ln 2)
+        self.score_head = nn.Linear(cfg.num_patches, 1)
+        nn.init.zeros_(self.score_head.weight)
+        nn.init.zeros_(self.score_head.bias)
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))  # D4: raw, not log-parameterised
+
+    # -- encoders -------------------------------------------------------------------------------------------
+    def encode_image(self, images):
+        """Unmasked encoder, for evaluation. images (B, C, S, S) ->
+        patch_emb (B, N, embed_dim) the projected patch tokens, image_emb (B, embed_dim) their mean."""
+        h, _, _ = self.image_encoder(images, mask_ratio=0.0)  # (B, 1 + N, D)
+        patch_emb = self.image_proj(h[:, 1:])  # (B, N, E)
+        return patch_emb, patch_emb.mean(dim=1)
+
+    def encode_text(self, input_ids, attention_mask):
+        """input_ids, attention_mask (B, T) -> report embedding (B, embed_dim)."""
+        return self.text_encoder(input_ids, attention_mask)
+
+    def decode(self, h, ids_restore):
+        """h (B, 1 + K, D) encoder output -> pred (B, N, P) pixel predictions for every patch position."""
+        z = self.decoder_embed(h)  # (B, 1 + K, Dd)
+        B, N = ids_restore.shape
+        mask_tokens = self.mask_token.expand(B, N - (z.shape[1] - 1), -1)  # (B, N - K, Dd)
+        patches = torch.cat([z[:, 1:], mask_tokens], dim=1)  # (B, N, Dd) in shuffled order
+        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, z.shape[2]))  # original order
+        z = torch.cat([z[:, :1], patches], dim=1) + self.decoder_pos_embed  # (B, 1 + N, Dd)
+        for block in self.decoder_blocks:
+            z = block(z)
+        return self.decoder_pred(self.decoder_norm(z))[:, 1:]  # (B, N, P), cls row dropped
+
+    # -- training forward -----------------------------------------------------------------------------------
+    def forward(self, images, input_ids, attention_mask, generator: torch.Generator | None = None):
+        """images (B, C, input_size, input_size) normalised; input_ids, attention_mask (B, T).
+
+        Returns a dict: loss, loss_rec, loss_con (scalars), weights (G,) correlation weights of the gathered
+        batch, logit_scale (the clamped inverse temperature), pred (B, N, P) or None, mask (B, N) 1 = masked.
+        """
+        cfg = self.cfg
+        if images.shape[-1] != cfg.input_size or images.shape[-2] != cfg.input_size:
+            raise ValueError(f"MaCo expects {cfg.input_size}x{cfg.input_size} images "
+                             f"(super_resolution={cfg.super_resolution}), got {tuple(images.shape[-2:])}")
+        if cfg.super_resolution:  # D2: the encoder sees the bicubic-downsampled image, the decoder predicts the 2x one
+            encoder_input = F.interpolate(images, size=(cfg.img_size, cfg.img_size), mode="bicubic",
+                                          align_corners=False)
+        else:
+            encoder_input = images
+        h, mask, ids_restore = self.image_encoder(encoder_input, cfg.mask_ratio, generator)  # (B, 1 + K, D)
+
+        if cfg.mask_ratio > 0:
+            pred = self.decode(h, ids_restore)  # (B, N, P)
+            target = patchify(images, images.shape[-1] // (cfg.img_size // cfg.patch_size))  # (B, N, P)
+            loss_rec = reconstruction_loss(pred, target, mask, cfg.norm_pix_loss)
+        else:  # nothing is masked, so there is nothing to reconstruct
+            pred, loss_rec = None, torch.zeros((), device=images.device)
+
+        image_emb = self.image_proj(h[:, 1:]).mean(dim=1)  # (B, E) mean over the visible tokens, cls excluded
+        text_emb = self.encode_text(input_ids, attention_mask)  # (B, E)
+        scores = self.score_head((1 - mask).float()).squeeze(-1)  # (B,) r = v . w + b, float32
+        image_emb, text_emb, scores = (all_gather_with_grad(t) for t in (image_emb, text_emb, scores))  # (G, ...)
+        logit_scale = self.logit_scale.clamp(max=cfg.logit_scale_max)  # D4
+        if cfg.correlation_weighting:
+            weights = F.softplus(scores)  # (G,) computed stably, c = log(1 + e^r)
+            loss_con = correlation_weighted_contrastive_loss(image_emb, text_emb, weights, logit_scale)
+        else:
+            weights = torch.ones_like(scores)
+            loss_con = clip_loss(image_emb, text_emb, logit_scale)
+        loss = cfg.lam * loss_rec + (1 - cfg.lam) * loss_con if cfg.mask_ratio > 0 else loss_con
+        return {"loss": loss, "loss_rec": loss_rec, "loss_con": loss_con, "weights": weights,
+                "logit_scale": logit_scale, "pred": pred, "mask": mask}
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type: str = "cpu"):
+        """AdamW with the paper's betas. No weight decay on biases, norms, the cls/mask tokens, learned position
+        embeddings or the temperature: every tensor of fewer than 2 dimensions, plus those named."""
+        no_decay_names = ("cls_token", "mask_token", "position_embeddings", "logit_scale")
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if param.ndim < 2 or any(key in name for key in no_decay_names):
+                no_decay.append(param)
+            else:
+                decay.append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint written by train.py: returns (model in eval mode, tokenizer, the checkpoint dict)."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py`") from None
+    except Exception as error:
+        raise ValueError(f"could not read checkpoint {path}: {error}") from None
+    missing = [key for key in ("model", "model_config", "tokenizer") if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a MaCo checkpoint written by train.py: it lacks {missing}")
+    unknown = set(checkpoint["model_config"]) - {f.name for f in fields(MaCoConfig)}
+    if unknown:
+        raise ValueError(f"{path} has model settings this code does not know: {sorted(unknown)}")
+    cfg = MaCoConfig(**checkpoint["model_config"])
+    model = MaCo(cfg)
+    model.load_state_dict(checkpoint["model"])
+    tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
+    check_special_tokens(tokenizer, str(path))
+    return model.to(device).eval(), tokenizer, checkpoint

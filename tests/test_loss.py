@@ -1,0 +1,118 @@
+"""The losses against the spec's hand-computed values (maco-method.md sections 6.1 and 6.5)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loss import clip_loss, correlation_weighted_contrastive_loss, reconstruction_loss
+
+# Worked example of spec section 6.5: G = 3 pairs, width 2, N = 4 patches, s = 5.
+IMG = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, -1.0]], dtype=torch.float64)
+TXT = torch.tensor([[4.0, 3.0], [1.0, 1.0], [0.0, -5.0]], dtype=torch.float64)
+VISIBLE = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.float64)
+W = torch.tensor([0.5, -0.25, 1.0, 0.25], dtype=torch.float64)
+B = 0.1
+
+
+def worked_example_loss(w, b, scale=5.0):
+    weights = F.softplus(VISIBLE @ w + b)  # (3,)
+    return correlation_weighted_contrastive_loss(IMG, TXT, weights, torch.tensor(scale, dtype=torch.float64))
+
+
+def test_worked_example_weights_match_spec():
+    weights = F.softplus(VISIBLE @ W + B)
+    assert torch.allclose(weights, torch.tensor([0.883382, 1.783901, 1.580509], dtype=torch.float64), atol=1e-6)
+
+
+def test_worked_example_loss_matches_spec():
+    # loss.py computes in float32; the spec's value is float64 rounded to 6 decimals
+    assert worked_example_loss(W, B).item() == pytest.approx(0.602858, abs=1e-6)
+
+
+def test_worked_example_four_terms_match_spec():
+    """Each of the four terms, rebuilt from per-row cross-entropies, against the spec's table."""
+    c = F.softplus(VISIBLE @ W + B)
+    logits = 5.0 * F.normalize(IMG, dim=1) @ F.normalize(TXT, dim=1).T
+    expected_logits = torch.tensor([[4.8, 4.949747, -4.0], [3.0, 3.535534, -5.0], [0.707107, 0.0, 3.535534]],
+                                   dtype=torch.float64)
+    assert torch.allclose(logits, expected_logits, atol=1e-6)
+    y = torch.arange(3)
+    t1 = F.cross_entropy(c[:, None] * logits, y)
+    t2 = F.cross_entropy(c[:, None] * logits.T, y)
+    per_row = F.cross_entropy(logits, y, reduction="none")
+    t3 = (c * per_row).sum() / c.sum()
+    t4 = (c * F.cross_entropy(logits.T, y, reduction="none")).sum() / c.sum()
+    assert [t.item() for t in (t1, t2, t3, t4)] == pytest.approx([0.367405, 0.935936, 0.385357, 0.722734], abs=1e-6)
+    assert ((t1 + t2 + t3 + t4) / 4).item() == pytest.approx(worked_example_loss(W, B).item(), abs=1e-6)
+
+
+def test_worked_example_at_init_matches_spec():
+    # at init w = b = 0, so c = ln 2 for every pair, and s = 1/0.03
+    loss = worked_example_loss(torch.zeros(4, dtype=torch.float64), 0.0, scale=1 / 0.03)
+    assert loss.item() == pytest.approx(1.540282, abs=1e-5)
+
+
+def test_gradients_of_correlation_head_match_spec():
+    w = W.clone().requires_grad_(True)
+    b = torch.tensor(B, dtype=torch.float64, requires_grad=True)
+    worked_example_loss(w, b).backward()
+    assert torch.allclose(w.grad, torch.tensor([0.065276, -0.015134, 0.077434, -0.002977], dtype=torch.float64),
+                          atol=2e-6)
+    assert b.grad.item() == pytest.approx(0.062300, abs=2e-6)
+
+
+def test_correlation_head_learns_only_through_scaled_logit_terms():
+    """Dropping the detached weighted terms (T3, T4) leaves the gradient w.r.t. the weights unchanged."""
+    weights = F.softplus(VISIBLE @ W + B).float().requires_grad_(True)
+    img, txt, scale = IMG.float(), TXT.float(), torch.tensor(5.0)
+    (grad_full,) = torch.autograd.grad(correlation_weighted_contrastive_loss(img, txt, weights, scale), weights)
+    logits = scale * F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
+    y = torch.arange(3)
+    scaled_terms_only = (F.cross_entropy(weights[:, None] * logits, y)
+                         + F.cross_entropy(weights[:, None] * logits.T, y)) / 4
+    (grad_scaled,) = torch.autograd.grad(scaled_terms_only, weights)
+    assert torch.allclose(grad_full, grad_scaled, atol=1e-7)
+    assert grad_full.abs().sum() > 0
+
+
+def test_weighted_loss_with_unit_weights_equals_clip_loss():
+    torch.manual_seed(0)
+    img, txt, scale = torch.randn(8, 16), torch.randn(8, 16), torch.tensor(7.0)
+    weighted = correlation_weighted_contrastive_loss(img, txt, torch.ones(8), scale)
+    assert weighted.item() == pytest.approx(clip_loss(img, txt, scale).item(), abs=1e-6)
+    # the spec's pin for the worked example with weighting off
+    assert clip_loss(IMG, TXT, torch.tensor(5.0)).item() == pytest.approx(0.520307, abs=1e-6)
+
+
+def test_scaling_all_weights_leaves_the_detached_terms_unchanged():
+    """WCE divides by the sum of weights, so only the first two terms can see a common factor."""
+    torch.manual_seed(1)
+    img, txt, scale = torch.randn(6, 4), torch.randn(6, 4), torch.tensor(3.0)
+    weights = torch.rand(6) + 0.5
+    logits = scale * F.normalize(img, dim=1) @ F.normalize(txt, dim=1).T
+    y = torch.arange(6)
+    wce = lambda c: F.cross_entropy(logits, y, weight=c) + F.cross_entropy(logits.T, y, weight=c)
+    assert wce(weights).item() == pytest.approx(wce(4 * weights).item(), abs=1e-6)
+    scaled_terms = lambda c: (F.cross_entropy(c[:, None] * logits, y) + F.cross_entropy(c[:, None] * logits.T, y))
+    total = lambda c: correlation_weighted_contrastive_loss(img, txt, c, scale)
+    assert (total(4 * weights) - total(weights)).item() == pytest.approx(
+        ((scaled_terms(4 * weights) - scaled_terms(weights)) / 4).item(), abs=1e-6)
+
+
+def test_reconstruction_loss_averages_over_masked_patches_only():
+    pred = torch.zeros(1, 3, 2)
+    target = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [100.0, 100.0]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third patch is visible: its huge error must not count
+    # per-patch MSE: 1 and 2; mean over the two masked patches = 1.5
+    assert reconstruction_loss(pred, target, mask).item() == pytest.approx(1.5)
+
+
+def test_reconstruction_loss_normalises_each_target_patch():
+    target = torch.tensor([[[1.0, 3.0], [10.0, 20.0]]])
+    mask = torch.ones(1, 2)
+    # each patch normalised to (-1/sqrt(2), +1/sqrt(2)) with the unbiased variance; predicting that gives ~0
+    normalised = torch.tensor([[[-1.0, 1.0], [-1.0, 1.0]]]) / math.sqrt(2)
+    assert reconstruction_loss(normalised, target, mask, norm_pix=True).item() == pytest.approx(0.0, abs=1e-6)
+    assert reconstruction_loss(normalised, target, mask, norm_pix=False).item() > 1.0
