@@ -5,12 +5,13 @@ scratch (384 wide, 6 layers, 6 heads in `base`); the report embedding is a poole
 token 0, the [CLS] position. There is no masked-language-model head: MaCo never predicts words.
 """
 
+from collections import Counter
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[MASK]"]  # ids 0, 1, 2, 3, as in the released mimic_wordpiece.json
 PAD_ID, CLS_ID = 0, 2
@@ -20,20 +21,32 @@ PAD_ID, CLS_ID = 0, 2
 # Tokenizer (D7)
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 30000) -> Tokenizer:
-    """Train a WordPiece tokenizer with the released tokenizer's settings on an iterable of report texts.
+    """Build a WordPiece tokenizer with the released tokenizer's settings from an iterable of report texts.
 
-    Lower-case, NFKD, strip accents; split into word runs / punctuation runs, then digit groups. The
-    post-processor prepends [CLS] (no [SEP] exists), so callers pass plain captions.
+    Lower-case, NFKD, strip accents; split into word runs / punctuation runs, then digit groups. The vocabulary
+    is the special tokens, every character seen (alone and as a "##" continuation) and then the most frequent
+    words, ties broken alphabetically: the library's own trainer breaks ties between equally frequent merges in
+    hash order, so two runs on the same reports would get different vocabularies. Rarer words are split into
+    pieces by WordPiece's greedy longest match. The post-processor prepends [CLS] (no [SEP] exists), so callers
+    pass plain captions.
     """
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tokenizer = Tokenizer(models.WordPiece({}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=False)])
+    counts = Counter()
+    for text in texts:
+        normalized = tokenizer.normalizer.normalize_str(text)
+        counts.update(word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized))
+    alphabet = sorted({char for word in counts for char in word})
+    vocab = SPECIAL_TOKENS + alphabet + ["##" + char for char in alphabet]
+    words = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    vocab += words[:max(vocab_size - len(vocab), 0)]
+    tokenizer.model = models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]",
+                                       continuing_subword_prefix="##")
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        continuing_subword_prefix="##")
-    tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", CLS_ID)])
     return tokenizer
 

@@ -136,6 +136,14 @@ def test_tokenizer_has_released_special_ids_and_keeps_decimals_as_digit_groups()
     assert tokenizer.encode("Pleural Effusion").tokens == tokenizer.encode("pleural effusion").tokens
 
 
+def test_tokenizer_training_is_deterministic_and_keeps_frequent_words_whole():
+    first, second = train_tokenizer(REPORTS, vocab_size=300), train_tokenizer(list(REPORTS), vocab_size=300)
+    assert first.to_str() == second.to_str()
+    assert first.encode("pleural effusion").tokens == ["[CLS]", "pleural", "effusion"]
+    # a word outside the vocabulary is split into known pieces, not lost
+    assert first.encode("effusions").tokens == ["[CLS]", "effusion", "##s"]
+
+
 def test_encode_texts_pads_dynamically_to_the_longest_text_and_truncates_at_max_len(tmp_path):
     tokenizer = train_tokenizer(REPORTS, vocab_size=200)
     save_tokenizer(tokenizer, tmp_path / "tok.json")
