@@ -219,3 +219,31 @@ def load_checkpoint(path, device="cpu"):
     tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
     check_special_tokens(tokenizer, str(path))
     return model.to(device).eval(), tokenizer, checkpoint
+
+
+def load_mae_encoder(model: MaCo, path) -> str:
+    """Load MAE's ImageNet ViT checkpoint (a dict under "model", timm names) into model.image_encoder (D12).
+
+    Returns a report of the keys loaded, missing and ignored. A shape mismatch is an error, never a silent skip.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--init {path}: no such file") from None
+    except Exception as error:
+        raise ValueError(f"--init {path}: not a readable PyTorch checkpoint ({error})") from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"--init {path}: expected a state dict (under the key 'model'), got {type(checkpoint).__name__}")
+    own = model.image_encoder.state_dict()
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"--init {path} does not fit this image encoder (use --preset base):\n  " + "\n  ".join(mismatched))
+    loaded = [k for k in state if k in own]
+    ignored = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    model.image_encoder.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return (f"--init {path}: loaded {len(loaded)} of {len(own)} image-encoder tensors"
+            + (f"; missing (kept at init): {missing}" if missing else "")
+            + (f"; ignored (not in the encoder): {ignored}" if ignored else ""))

@@ -1,0 +1,122 @@
+"""Measure, don't guess: the speed of one MaCo training step, and separately of the data loader.
+
+    python bench.py --preset tiny --batch-size 32
+    python bench.py --preset base --batch-size 2          # the released code takes ~6 s/step here (2-core CPU)
+    python bench.py --loader --root data/synthetic        # images/s of the training DataLoader
+
+The step (forward, backward, AdamW) runs on random tensors of the preset's shapes, reports padded to
+--text-len tokens, so nothing but the model is timed. FLOPs are counted once with PyTorch's FlopCounterMode;
+on a GPU whose peak is known the model FLOPs utilisation (MFU) is printed too.
+"""
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cli import parse_config
+from maco import MaCo, MaCoConfig
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
+
+
+@dataclass
+class BenchConfig:
+    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | base"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
+    text_len: int = field(default=100, metadata={"help": "report tokens per pair (padded length)"})
+    steps: int = field(default=10, metadata={"help": "timed steps"})
+    warmup: int = field(default=2, metadata={"help": "untimed steps first"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    loader: bool = field(default=False, metadata={"help": "benchmark the training DataLoader instead of the step"})
+    root: str = field(default="data/synthetic", metadata={"help": "--loader: dataset root (MIMIC-CXR-JPG layout)"})
+    cache: str = field(default="", metadata={"help": "--loader: image cache folder ('' = read the image files)"})
+    num_workers: int = field(default=2, metadata={"help": "--loader: DataLoader workers"})
+
+
+def bench_step(cfg: BenchConfig, device: torch.device) -> dict:
+    model_cfg = MaCoConfig.preset(cfg.preset)
+    torch.manual_seed(0)
+    model = MaCo(model_cfg).to(device)
+    optimizer = model.configure_optimizer(lr=1e-4, weight_decay=0.05, device_type=device.type)
+    step_model = torch.compile(model) if cfg.compile else model
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    B, S = cfg.batch_size, model_cfg.input_size
+    images = torch.randn(B, model_cfg.in_chans, S, S, device=device)
+    input_ids = torch.randint(4, model_cfg.vocab_size, (B, cfg.text_len), device=device)
+    attention_mask = torch.ones_like(input_ids)
+
+    def step():
+        with autocast():
+            loss = step_model(images, input_ids, attention_mask)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    for _ in range(cfg.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / cfg.steps
+    flops = counter.get_total_flops()
+    result = {"seconds_per_step": seconds, "images_per_s": B / seconds, "tflops_per_s": flops / seconds / 1e12}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        if peak and use_bf16:
+            result["mfu"] = flops / seconds / peak
+    else:
+        import resource
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def bench_loader(cfg: BenchConfig) -> dict:
+    from torch.utils.data import DataLoader
+    from data import Collate, MimicCXR
+    from text_encoder import train_tokenizer
+    model_cfg = MaCoConfig.preset(cfg.preset)
+    dataset = MimicCXR(cfg.root, split="train", image_size=model_cfg.input_size, in_chans=model_cfg.in_chans,
+                       augment=True, cache=cfg.cache or None, seed=0)
+    tokenizer = train_tokenizer(dataset.report_texts()[:2000], vocab_size=model_cfg.vocab_size)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                        collate_fn=Collate(tokenizer, model_cfg.max_len), drop_last=True)
+    batches = iter(loader)
+    next(batches)  # worker start-up is not throughput
+    start, images = time.perf_counter(), 0
+    for _, batch in zip(range(cfg.steps), batches):
+        images += batch["images"].shape[0]
+    return {"images_per_s": images / (time.perf_counter() - start), "image_side": model_cfg.input_size}
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(BenchConfig, argv, __doc__)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    try:
+        result = bench_loader(cfg) if cfg.loader else bench_step(cfg, device)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    what = f"loader ({cfg.num_workers} workers, cache: {cfg.cache or 'none'})" if cfg.loader else "training step"
+    print(f"{what}: preset {cfg.preset}, batch {cfg.batch_size}, device {device}, {torch.get_num_threads()} threads")
+    for key, value in result.items():
+        print(f"  {key:>18}: {value:.4g}" if isinstance(value, float) else f"  {key:>18}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Evaluation sets in their real on-disk formats, for zero-shot classification and phrase grounding.
+
+Formats: spec/data-formats.md §2 (NIH ChestX-ray14), §3 (RSNA Pneumonia), §4 (SIIM-ACR), §5 (CheXpert),
+§6 (MS-CXR), and the synthetic world of synthetic.py (MIMIC-CXR-JPG layout, §1; D13), whose test split has
+true labels in synthetic-labels.csv and grounding boxes in an MS-CXR-format CSV. Box and mask conventions: maco-method.md §9.
+
+Every loader returns plain items (an image path plus a label vector, or a phrase with its boxes); the two
+`Dataset` classes at the bottom turn them into model inputs with the shared `data.preprocess_image` (D8).
+Labels are float32 with 1 = positive, 0 = negative and NaN = uncertain, to be ignored by the metrics.
+No DICOM reader is a dependency of this project (pydicom is not allowed), so DICOM files must first be
+converted to PNG or JPEG with the same folder layout and file stem.
+"""
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import preprocess_image
+from synthetic import FINDINGS
+
+NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+              "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
+CHEXPERT_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+# MaCo's CheXpert split files (data-formats.md §5.3): U-Ones for these three, U-Zeros for the other two.
+CHEXPERT_MACO_UONES = {"Atelectasis", "Edema", "Pleural Effusion"}
+# zero-shot class names (lower-cased for the prompts, maco-method.md §8) in each set's label order
+CLASS_NAMES = {"nih": [name.replace("_", " ").lower() for name in NIH_LABELS], "rsna": ["lung opacity"],
+               "siim": ["pneumothorax"], "chexpert": [name.lower() for name in CHEXPERT_LABELS], "synthetic": FINDINGS}
+MS_CXR_CSV = "MS_CXR_Local_Alignment_v1.0.0.csv"
+MS_CXR_HEADER = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class LabelledImage:
+    path: str
+    labels: np.ndarray  # (C,) float32: 1 positive, 0 negative, NaN uncertain
+    rle: tuple = ()  # SIIM only: the run-length encodings of the image's mask regions
+
+
+@dataclass
+class GroundingPair:
+    path: str
+    phrase: str
+    category: str
+    boxes: list  # [(x, y, w, h), ...] in original image pixels, x, y = top-left
+    width: int  # original image size, the frame of the boxes
+    height: int
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+def _read_csv(path, required: list[str], expected: str) -> tuple[list[str], list[list[str]]]:
+    """Rows of a CSV whose stripped header contains `required`, else a ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a CSV with header: {expected})")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    header = [name.strip() for name in rows[0]] if rows else []
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise ValueError(f"{path}: unexpected header {','.join(rows[0]) if rows else '(empty file)'!r}; "
+                         f"missing column(s) {missing}. Expected header: {expected}")
+    return header, [row for row in rows[1:] if any(cell.strip() for cell in row)]
+
+
+def _read_list(path) -> list[list[str]]:
+    """A whitespace-separated split list (CRLF, trailing spaces and no final newline are all tolerated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {path} not found (expected one '<image> [labels...]' per line)")
+    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"split list {path} is empty (expected one '<image> [labels...]' per line)")
+    return lines
+
+
+def _dicom_error(path) -> ValueError:
+    return ValueError(f"{path} is a DICOM file and this project has no DICOM reader (pydicom is not a dependency). "
+                      "Convert the images to PNG or JPEG with the same folder layout and file stem "
+                      "(e.g. stage_2_train_images/<patientId>.png) and run again.")
+
+
+def _find_image(stem_path: Path) -> Path | None:
+    """`stem_path` with an image suffix that exists; a DICOM-only file raises a clear error."""
+    if stem_path.suffix.lower() in IMAGE_SUFFIXES and stem_path.is_file():
+        return stem_path
+    for suffix in IMAGE_SUFFIXES:
+        candidate = stem_path.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    if stem_path.with_suffix(".dcm").is_file():
+        raise _dicom_error(stem_path.with_suffix(".dcm"))
+    return None
+
+
+def _keep_existing(items: list, source: str) -> list:
+    """Drop items whose image is missing, with a counted message; none found at all is an error."""
+    kept = [item for item in items if item.path is not None]
+    if not kept:
+        raise FileNotFoundError(f"{source}: none of the {len(items)} listed images were found; check the root folder")
+    if len(kept) < len(items):
+        print(f"{source}: skipped {len(items) - len(kept)} of {len(items)} items whose image file is missing")
+    return kept
+
+
+def _check_root(root) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} is not a directory")
+    return root
+
+
+# ----------------------------------------------------------------------------- zero-shot classification sets
+
+def load_nih(root, split_file: str = "test_list.txt", image_dir: str | None = None) -> list[LabelledImage]:
+    """NIH ChestX-ray14 (§2). `split_file` lines are `<name>` (official lists) or `<name> <14 ints>` (MaCo's
+    lists, whose labels are used as given); names without labels take theirs from Data_Entry_2017*.csv."""
+    root = _check_root(root)
+    lines = _read_list(root / split_file)
+    labels_by_name = {}
+    if any(len(line) != 1 + len(NIH_LABELS) for line in lines):
+        csv_path = next((root / n for n in ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv") if (root / n).is_file()),
+                        root / "Data_Entry_2017_v2020.csv")
+        header, rows = _read_csv(csv_path, ["Image Index", "Finding Labels"],
+                                 "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+                                 "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+        name_col, finding_col = header.index("Image Index"), header.index("Finding Labels")
+        for row in rows:
+            findings = set(row[finding_col].split("|"))
+            labels_by_name[row[name_col]] = [float(label in findings) for label in NIH_LABELS]
+    if image_dir is None:  # MaCo uses one flat folder; the NIH archives unpack into images/
+        first = lines[0][0]
+        image_dir = next((d for d in ("images", "images/images_all", "images_all", ".") if (root / d / first).is_file()),
+                         "images")
+    items = []
+    for line in lines:
+        name = line[0]
+        if len(line) == 1 + len(NIH_LABELS):
+            labels = [float(v) for v in line[1:]]
+        elif name in labels_by_name:
+            labels = labels_by_name[name]
+        else:
+            raise ValueError(f"{root / split_file}: {name} has no labels in the list nor in the Data_Entry CSV")
+        path = root / image_dir / name
+        items.append(LabelledImage(str(path) if path.is_file() else None, np.array(labels, np.float32)))
+    return _keep_existing(items, f"NIH {root}")
+
+
+def load_rsna(root, split_file: str | None = "test_list.txt") -> list[LabelledImage]:
+    """RSNA Pneumonia (§3), one class (Lung Opacity). MaCo's split lines are `<relpath.dcm> <Target>`; without a
+    split list every patient of stage_2_train_labels.csv is used. Images: the same path as PNG or JPEG."""
+    root = _check_root(root)
+    targets = {}
+    lines = _read_list(Path(root, split_file)) if split_file else None
+    if lines is None or any(len(line) < 2 for line in lines):
+        header, rows = _read_csv(root / "stage_2_train_labels.csv", ["patientId", "Target"],
+                                 "patientId,x,y,width,height,Target")
+        pid_col, target_col = header.index("patientId"), header.index("Target")
+        for row in rows:  # one row per box: a patient is positive if any row is
+            targets[row[pid_col]] = max(targets.get(row[pid_col], 0.0), float(row[target_col]))
+    if lines is None:
+        lines = [[f"stage_2_train_images/{pid}.dcm"] for pid in targets]
+    items = []
+    for line in lines:
+        relpath = line[0]
+        if len(line) == 1 and Path(relpath).stem not in targets:
+            raise ValueError(f"{split_file}: {relpath} has no label in the list nor in stage_2_train_labels.csv")
+        label = float(line[1]) if len(line) > 1 else targets[Path(relpath).stem]
+        path = _find_image(root / relpath)
+        items.append(LabelledImage(str(path) if path else None, np.array([label], np.float32)))
+    return _keep_existing(items, f"RSNA {root}")
+
+
+def rle_decode(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
+    """SIIM run-length encoding (§4.3) -> bool mask (height, width). Pairs (gap, length): the first gap is the
+    0-based start, each later gap counts background pixels since the previous run; pixels are column-major."""
+    flat = np.zeros(height * width, dtype=bool)
+    values = [int(v) for v in rle.split()]
+    if values != [-1]:
+        position = 0
+        for gap, length in zip(values[0::2], values[1::2]):
+            position += gap
+            flat[position:position + length] = True
+            position += length
+    return flat.reshape(width, height).T  # column-major: x outer, y inner
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Inverse of `rle_decode`: bool mask (H, W) -> the relative column-major RLE ("-1" if empty)."""
+    padded = np.concatenate([[0], mask.T.flatten().astype(np.int8), [0]])
+    changes = np.flatnonzero(padded[1:] != padded[:-1])
+    starts, ends = changes[0::2], changes[1::2]
+    if len(starts) == 0:
+        return "-1"
+    gaps = starts - np.concatenate([[0], ends[:-1]])
+    return " ".join(f"{gap} {length}" for gap, length in zip(gaps, ends - starts))
+
+
+def load_siim(root, split_file: str | None = None) -> list[LabelledImage]:
+    """SIIM-ACR Pneumothorax (§4): label = any mask region in train-rle.csv; images found anywhere under `root`
+    by their ImageId stem (the real tree nests Study/Series/SOP). `split_file`: one ImageId per line."""
+    root = _check_root(root)
+    header, rows = _read_csv(root / "train-rle.csv", ["ImageId", "EncodedPixels"], "ImageId, EncodedPixels")
+    id_col, rle_col = header.index("ImageId"), header.index("EncodedPixels")
+    rles = {}  # several rows per image, one per region; values may carry a leading space
+    for row in rows:
+        rle = row[rle_col].strip()
+        rles.setdefault(row[id_col].strip(), [])
+        if rle != "-1":
+            rles[row[id_col].strip()].append(rle)
+    ids = [line[0] for line in _read_list(Path(root, split_file))] if split_file else list(rles)
+    files, dicoms = {}, {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                files[stem] = os.path.join(folder, name)
+            elif suffix.lower() == ".dcm":
+                dicoms[stem] = os.path.join(folder, name)
+    if ids and not any(i in files for i in ids) and any(i in dicoms for i in ids):
+        raise _dicom_error(dicoms[next(i for i in ids if i in dicoms)])
+    missing_labels = [i for i in ids if i not in rles]
+    if missing_labels:
+        raise ValueError(f"{split_file}: ImageId {missing_labels[0]} is not in {root / 'train-rle.csv'}")
+    items = [LabelledImage(files.get(i), np.array([float(bool(rles[i]))], np.float32), tuple(rles[i])) for i in ids]
+    return _keep_existing(items, f"SIIM {root}")
+
+
+def siim_mask(item: LabelledImage, height: int = 1024, width: int = 1024) -> np.ndarray:
+    """The union of a SIIM image's mask regions, (height, width) bool."""
+    mask = np.zeros((height, width), dtype=bool)
+    for rle in item.rle:
+        mask |= rle_decode(rle, height, width)
+    return mask
+
+
+def load_chexpert(root, split: str = "valid", uncertain: str = "maco", frontal_only: bool = False) -> list[LabelledImage]:
+    """CheXpert (§5): the 5 competition labels from train.csv / valid.csv. `root` is the dataset folder (or
+    its parent). Uncertain (-1.0): 'maco' = U-Ones for Atelectasis, Edema, Pleural Effusion and U-Zeros for
+    the others (MaCo's split files), 'ones', 'zeros' or 'ignore' (NaN); blank -> 0."""
+    if uncertain not in ("maco", "ones", "zeros", "ignore"):
+        raise ValueError(f"uncertain policy {uncertain!r}: expected maco, ones, zeros or ignore")
+    root = _check_root(root)
+    folder = next((d for d in (root, root / "CheXpert-v1.0-small", root / "CheXpert-v1.0") if (d / f"{split}.csv").is_file()),
+                  root)
+    header, rows = _read_csv(folder / f"{split}.csv", ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS,
+                             "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
+                             "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
+                             "Pleural Effusion,Pleural Other,Fracture,Support Devices")
+    items = []
+    for row in rows:
+        if frontal_only and row[header.index("Frontal/Lateral")] != "Frontal":
+            continue
+        labels = []
+        for name in CHEXPERT_LABELS:
+            value = float(row[header.index(name)] or 0.0)
+            if value == -1.0:
+                ones = uncertain == "ones" or (uncertain == "maco" and name in CHEXPERT_MACO_UONES)
+                value = float("nan") if uncertain == "ignore" else float(ones)
+            labels.append(value)
+        # `Path` starts with the dataset folder's own name (CheXpert-v1.0-small/...): resolve it inside `folder`
+        path = folder / Path(*Path(row[header.index("Path")]).parts[1:])
+        items.append(LabelledImage(str(path) if path.is_file() else None, np.array(labels, np.float32)))
+    return _keep_existing(items, f"CheXpert {folder / f'{split}.csv'}")
+
+
+def load_synthetic(root, class_names: list[str], split: str = "test") -> list[LabelledImage]:
+    """The synthetic world's (D13) images of one split with their true findings from synthetic-labels.csv
+    (0/1 per name in synthetic.FINDINGS; the CheXpert CSV cannot tell a nodule from a mass)."""
+    root = _check_root(root)
+    header, rows = _read_csv(root / "synthetic-labels.csv", ["dicom_id", "split", "path"] + class_names,
+                             "dicom_id,subject_id,study_id,split,path," + ",".join(class_names))
+    split_col, path_col = header.index("split"), header.index("path")
+    items = [LabelledImage(str(root / row[path_col]) if (root / row[path_col]).is_file() else None,
+                           np.array([float(row[header.index(name)]) for name in class_names], np.float32))
+             for row in rows if row[split_col] == split]
+    if not items:
+        raise ValueError(f"{root / 'synthetic-labels.csv'}: no images in split {split!r} (expected train, validate or test)")
+    return _keep_existing(items, f"synthetic {root}")
+
+
+# ----------------------------------------------------------------------------- grounding (MS-CXR format)
+
+def load_ms_cxr(csv_path, image_root) -> list[GroundingPair]:
+    """MS-CXR CSV (§6.2): one row per box; rows are grouped into (image, lower-cased phrase) pairs (§9).
+    `image_root` is the MIMIC-CXR-JPG folder that holds `files/` (the CSV's `path` starts with files/)."""
+    csv_path, image_root = Path(csv_path), _check_root(image_root)
+    if csv_path.is_dir():
+        csv_path = csv_path / MS_CXR_CSV
+    header, rows = _read_csv(csv_path, MS_CXR_HEADER, ",".join(MS_CXR_HEADER) + "[,split]")
+    col = {name: header.index(name) for name in MS_CXR_HEADER}
+    pairs = {}
+    for row in rows:
+        key = (row[col["path"]], row[col["label_text"]].strip().lower())
+        if key not in pairs:
+            path = image_root / row[col["path"]]
+            pairs[key] = GroundingPair(str(path) if path.is_file() else None, row[col["label_text"]].strip(),
+                                       row[col["category_name"]], [], int(row[col["image_width"]]), int(row[col["image_height"]]))
+        pairs[key].boxes.append(tuple(float(row[col[k]]) for k in ("x", "y", "w", "h")))
+    return _keep_existing(list(pairs.values()), f"MS-CXR {csv_path}")
+
+
+def letterbox_geometry(width: int, height: int, size: int) -> tuple[float, int, int]:
+    """Scale r = size / max(w, h) and the (left, top) offset of the letterboxed content: the long side goes to
+    `size`, the short one to floor(short * size / long) and is zero-padded symmetrically, floor(pad / 2)
+    before (official eval/box_transfer.py, §9; the same frame as data.preprocess_image(resize="letterbox"))."""
+    long_side = max(width, height)
+    new_w, new_h = width * size // long_side, height * size // long_side  # exact integer floor, as data.py
+    return size / long_side, (size - new_w) // 2, (size - new_h) // 2
+
+
+def letterbox_box(box, width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(x, y, w, h) in original pixels -> integer (x', y', w', h') in the size x size letterboxed frame."""
+    x, y, w, h = box
+    scale, left, top = letterbox_geometry(width, height, size)
+    return math.floor(x * scale + left), math.floor(y * scale + top), math.floor(w * scale), math.floor(h * scale)
+
+
+def boxes_to_mask(boxes, width: int, height: int, size: int) -> np.ndarray:
+    """Union of the letterboxed boxes (a project rule: the released code sums them), (size, size) bool."""
+    mask = np.zeros((size, size), dtype=bool)
+    for box in boxes:
+        x, y, w, h = letterbox_box(box, width, height, size)
+        mask[max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = True  # rows y'..y'+h'-1, columns x'..x'+w'-1
+    return mask
+
+
+# ----------------------------------------------------------------------------- torch datasets
+
+def load_image(path, size: int, in_chans: int, resize: str) -> torch.Tensor:
+    """data.preprocess_image of the file at `path`; an unreadable file is a ValueError naming it."""
+    try:
+        with Image.open(path) as image:  # still undecoded: preprocess_image can let libjpeg decode at reduced size
+            return preprocess_image(image, size, in_chans, resize)
+    except OSError as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """(image (in_chans, size, size), labels (C,)) from `LabelledImage` items. `resize`: "crop" (short side to
+    `size`, centre crop) as the released zero-shot script (§8), or "letterbox"."""
+
+    def __init__(self, items: list[LabelledImage], size: int, in_chans: int = 3, resize: str = "crop"):
+        self.items, self.size, self.in_chans, self.resize = items, size, in_chans, resize
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        item = self.items[index]
+        return load_image(item.path, self.size, self.in_chans, self.resize), torch.from_numpy(item.labels)
+
+
+class GroundingDataset(torch.utils.data.Dataset):
+    """dict(image (in_chans, size, size) letterboxed, mask (size, size) bool box region, phrase, category, path)."""
+
+    def __init__(self, pairs: list[GroundingPair], size: int, in_chans: int = 3):
+        self.pairs, self.size, self.in_chans = pairs, size, in_chans
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        pair = self.pairs[index]
+        image = load_image(pair.path, self.size, self.in_chans, "letterbox")
+        mask = boxes_to_mask(pair.boxes, pair.width, pair.height, self.size)
+        return dict(image=image, mask=torch.from_numpy(mask), phrase=pair.phrase, category=pair.category, path=pair.path)
+
+
+def load_benchmark(name: str, root, size: int, in_chans: int, split_file: str = "", split: str = "",
+                   uncertain: str = "maco", mimic_root: str = "", limit: int | None = None):
+    """The evaluation set `name` as model inputs of side `size`: (zero-shot task (ClassificationDataset, class
+    names, prompt set) or None, GroundingDataset or None). Empty strings select each set's default."""
+    root, items, grounding = Path(root), None, None
+    if name == "synthetic":  # its test split has both tasks
+        items = load_synthetic(root, CLASS_NAMES[name], split or "test")
+        grounding = load_ms_cxr(root / MS_CXR_CSV, root)
+    elif name == "nih":
+        items = load_nih(root, split_file or "test_list.txt")
+    elif name == "rsna":
+        items = load_rsna(root, split_file or None)
+    elif name == "siim":
+        items = load_siim(root, split_file or None)
+    elif name == "chexpert":
+        items = load_chexpert(root, split or "valid", uncertain)
+    elif name == "ms-cxr":
+        if not mimic_root:
+            raise ValueError("--data ms-cxr needs --mimic-root, the MIMIC-CXR-JPG folder that holds files/")
+        grounding = load_ms_cxr(root, mimic_root)
+    else:
+        raise ValueError(f"--data {name!r}: expected synthetic, nih, rsna, siim, chexpert or ms-cxr")
+    zero_shot = None if items is None else (ClassificationDataset(items[:limit], size, in_chans), CLASS_NAMES[name],
+                                            "siim" if name == "siim" else "default")
+    return zero_shot, None if grounding is None else GroundingDataset(grounding[:limit], size, in_chans)

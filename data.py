@@ -1,0 +1,496 @@
+"""Image-report data for MaCo: MIMIC-CXR-JPG, Open-i, report captions, image preprocessing and an image cache.
+
+Spec: maco-method.md §5 (report captions, D6), §7.2 (augmentation and normalisation, D8), §4 (padding);
+data-formats.md §1 (MIMIC-CXR-JPG layout, CSVs, report .txt, mimic_cxr_sectioned.csv) and §7 (Open-i XML).
+The synthetic world of synthetic.py is written in the MIMIC-CXR-JPG layout, so MimicCXR reads it too (D13).
+
+Image cache: `python data.py cache --data mimic --root data/synthetic --size 448` resizes every selected image
+once into <root>/cache-448 (images.npy: uint8 (N, S, S) memory map; ids.txt; status.npy; progress.json).
+"""
+import csv
+import dataclasses
+import functools
+import gzip
+import json
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from cli import build_parser
+from text_encoder import encode_texts
+
+IMAGE_MEAN = 0.4978  # D8: pixel statistics of the released pre-training, images scaled to [0, 1]
+IMAGE_STD = 0.2449
+RESIZE_MODES = ("letterbox", "crop")
+FRONTAL_VIEWS = ("PA", "AP")
+REPORT_SECTIONS = ("findings", "impression", "last_paragraph")
+METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+SPLIT_COLUMNS = ("dicom_id", "split")
+SECTIONED_COLUMNS = ("study", "impression", "findings", "last_paragraph", "comparison")
+# Report sections that give context, not findings: never used as the fallback caption of a report.
+CONTEXT_SECTIONS = {"examination", "indication", "history", "clinical history", "technique", "comparison"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images (D8)
+
+def resize_to_square(image: Image.Image, size: int, resize: str = "letterbox") -> np.ndarray:
+    """8-bit greyscale square of side `size`: uint8 (size, size). Bicubic resampling (antialiased by PIL).
+
+    letterbox (default): long side -> `size`, short side zero-padded symmetrically, as the released grounding
+    images and MS-CXR box arithmetic assume (maco-method §9); nothing is cut off, so apices and costophrenic
+    angles (effusion, pneumothorax) stay in view. crop: short side -> `size`, then a centre crop, as the
+    released zero-shot script (§8). A JPEG fresh from Image.open is decoded at a reduced scale no smaller
+    than needed (libjpeg DCT scaling): several times faster on full-size MIMIC images.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    width, height = image.size
+    reference = max(width, height) if resize == "letterbox" else min(width, height)
+    # integer floor, as eval/box_transfer.py: the reference side becomes exactly `size`
+    new_w, new_h = max(1, width * size // reference), max(1, height * size // reference)
+    image.draft("L", (new_w, new_h))  # no-op unless a not-yet-decoded JPEG
+    if image.mode in ("I", "I;16", "F"):  # 16-bit PNG: min-max to 8 bits as MIMIC-CXR-JPG (convert would clip)
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round((array - array.min()) / max(np.ptp(array), 1e-12) * 255).astype(np.uint8))
+    image = image.convert("L").resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if resize == "crop":
+        left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
+        return np.asarray(image.crop((left, top, left + size, top + size)))
+    square = np.zeros((size, size), dtype=np.uint8)  # pad with black (0), like the released letterbox
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    square[top:top + new_h, left:left + new_w] = np.asarray(image)
+    return square
+
+
+def to_model_input(pixels: np.ndarray, in_chans: int = 3) -> torch.Tensor:
+    """uint8 (S, S) -> float (in_chans, S, S): scale to [0, 1], normalise (D8), replicate the grey channel."""
+    x = (torch.from_numpy(np.array(pixels, dtype=np.float32)) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    return x.expand(in_chans, -1, -1).contiguous()
+
+
+def preprocess_image(image: Image.Image, size: int, in_chans: int = 3, resize: str = "letterbox") -> torch.Tensor:
+    """The one preprocessing shared by training and evaluation (D8): PIL image -> float (in_chans, size, size):
+    greyscale, square resize (resize_to_square), [0, 1], (x - 0.4978) / 0.2449, grey copied to in_chans."""
+    return to_model_input(resize_to_square(image, size, resize), in_chans)
+
+
+def augment_image(pixels: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
+    """Training augmentation (§7.2) of the uint8 (S, S) image at full (SR) size, before normalisation.
+
+    Horizontal flip p = 0.5, then rotation uniform in ±20° and scale uniform in [0.8, 1.2], no translation or
+    shear. Done in PIL form on 8-bit pixels, so the fill 0 is the black pixel, as released (after
+    normalisation 0 would be mid-grey), and 3x faster than the tensor form. Bilinear rather than the
+    released default nearest-neighbour: no jagged edges on rotated ribs.
+    """
+    image = Image.fromarray(pixels)
+    if torch.rand((), generator=generator) < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    angle = (torch.rand((), generator=generator).item() * 2 - 1) * 20.0
+    scale = 0.8 + 0.4 * torch.rand((), generator=generator).item()
+    image = TF.affine(image, angle=angle, translate=[0.0, 0.0], scale=scale, shear=[0.0, 0.0],
+                      interpolation=InterpolationMode.BILINEAR, fill=0)
+    return np.asarray(image)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report text (D6)
+
+_SENTENCE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)")  # every "." except one with a digit on both sides ("1.5")
+
+
+def report_sentences(report: str) -> list[str]:
+    """The valid sentences of a report (§5 steps 1-2): split at '.', strip, drop empty and 'none' pieces."""
+    pieces = (" ".join(piece.split()) for piece in _SENTENCE_BREAK.split(report))
+    return [piece for piece in pieces if piece and piece.lower() != "none"]
+
+
+def report_to_caption(report: str, generator: torch.Generator | None = None, deterministic: bool = False) -> str:
+    """Caption of a report (D6, maco-method §5): a shuffled random non-empty subset of its sentences.
+
+    k is uniform in 1..n over the n valid sentences; the caption joins `sentence.lower() + ". "`. With
+    deterministic=True (evaluation) it is all sentences in report order. No valid sentence -> "".
+    """
+    sentences = report_sentences(report)
+    if sentences and not deterministic:
+        order = torch.randperm(len(sentences), generator=generator).tolist()
+        k = int(torch.randint(1, len(sentences) + 1, (), generator=generator))
+        sentences = [sentences[i] for i in order[:k]]
+    return "".join(sentence.lower() + ". " for sentence in sentences)
+
+
+_SECTION_HEADER = re.compile(r"^ *([A-Z][A-Z /&()-]*?) *:", re.MULTILINE)  # MIMIC style: " FINDINGS:"
+
+
+def _as_sentences(text: str) -> str:
+    text = " ".join(text.split())  # sections hold wrapped lines
+    return text if not text or text.endswith(".") else text + "."  # keep the next section a new sentence
+
+
+def parse_report_sections(text: str) -> dict[str, str]:
+    """Sections of a MIMIC free-text report: lower-cased header -> text (the last one of each name wins, as
+    in MIT-LCP create_section_files.py), plus "last_paragraph": the final paragraph, for reports without
+    FINDINGS/IMPRESSION headers (older ones), unless it belongs to a context section such as COMPARISON."""
+    headers = list(_SECTION_HEADER.finditer(text))
+    sections = {}
+    for header, following in zip(headers, headers[1:] + [None]):
+        body = text[header.end():following.start() if following else len(text)]
+        sections[header.group(1).lower()] = _as_sentences(body)
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    last = paragraphs[-1] if paragraphs else ""
+    header = _SECTION_HEADER.match(last)
+    if header:
+        last = "" if header.group(1).lower() in CONTEXT_SECTIONS else last[header.end():]
+    sections["last_paragraph"] = "" if last == "FINAL REPORT" else _as_sentences(last)
+    return sections
+
+
+def compose_report(sections: dict[str, str], wanted=("findings", "impression")) -> str:
+    """Report text from the wanted sections, in order; falls back to the last paragraph if all are empty."""
+    parts = [_as_sentences(sections.get(name, "")) for name in wanted]
+    if not any(parts):
+        parts = [_as_sentences(sections.get("last_paragraph", ""))]
+    return " ".join(part for part in parts if part)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+def _read_csv(path: Path, required: tuple[str, ...]):
+    """Stream the rows of a .csv or .csv.gz as dicts; a clear error if the header lacks a required column."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", newline="") as file:
+            reader = csv.DictReader(file)
+            missing = [name for name in required if name not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: header {reader.fieldnames} lacks {missing}; expected columns "
+                                 f"{','.join(required)} (see data-formats.md)")
+            yield from reader
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:  # e.g. a truncated gzip
+        raise ValueError(f"{path}: cannot be read as a CSV with columns {','.join(required)}: {error}") from None
+
+
+def _find_file(root: Path, name: str) -> Path:
+    for candidate in (root / f"{name}.gz", root / name):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{root / name}(.gz) not found; expected the official MIMIC-CXR-JPG file there")
+
+
+def _check_root(root, what: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what} root {root} is not a folder; expected {what} in the layout of "
+                                f"data-formats.md (or run `python synthetic.py --out {root}`)")
+    return root
+
+
+class ImageReportDataset(Dataset):
+    """Image-report pairs: item -> dict(image=float (C, S, S), caption=str, image_id=str), or None when the
+    image cannot be read (Collate drops it and counts it). augment=True: random caption (D6) and training
+    augmentation; augment=False: the whole report in order and the plain image (evaluation).
+    seed=None draws from torch's global RNG (DataLoader seeds each worker); an int makes item i of epoch e
+    the same whatever the number of workers (call set_epoch before each epoch)."""
+
+    def __init__(self, items, reports, image_size, in_chans, resize, augment, cache, seed):
+        self.items = items  # [(image_id, image_path, report_key)]
+        self.reports = reports  # report_key -> report text
+        self.image_size, self.in_chans, self.resize = image_size, in_chans, resize
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.cache_dir, self.cache_rows, self._cache_arrays = None, None, None  # arrays: opened lazily per process
+        if cache is not None:
+            self._index_cache(Path(cache))
+
+    def __len__(self):
+        return len(self.items)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def report_texts(self) -> list[str]:
+        """Deterministic captions of every report of the selection, e.g. to train the tokenizer (D7)."""
+        keys = dict.fromkeys(key for _, _, key in self.items)
+        return [report_to_caption(self.reports[key], deterministic=True) for key in keys]
+
+    def __getitem__(self, index):
+        image_id, path, key = self.items[index]
+        # hash of a tuple of ints: the same in every process (only str hashes are salted)
+        generator = None if self.seed is None else torch.Generator().manual_seed(
+            hash((self.seed, self.epoch, index)) % 2**63)
+        try:
+            pixels = self._square_pixels(index)  # uint8 (S, S)
+        except (OSError, SyntaxError, ValueError) as error:  # missing, truncated or not an image
+            print(f"skipping {path}: cannot read the image ({error})", file=sys.stderr)
+            return None
+        if self.augment:
+            pixels = augment_image(pixels, generator)
+        caption = report_to_caption(self.reports[key], generator, deterministic=not self.augment)
+        return {"image": to_model_input(pixels, self.in_chans), "caption": caption, "image_id": image_id}
+
+    def _square_pixels(self, index) -> np.ndarray:
+        row = self.cache_rows[index] if self.cache_rows else -1
+        if row >= 0:
+            if self._cache_arrays is None:
+                self._cache_arrays = (np.load(self.cache_dir / "images.npy", mmap_mode="r"),
+                                      np.load(self.cache_dir / "status.npy", mmap_mode="r"))
+            images, status = self._cache_arrays
+            if status[row] == CACHED:
+                return np.array(images[row])  # a copy: the memory map stays read-only
+        with Image.open(self.items[index][1]) as image:
+            return resize_to_square(image, self.image_size, self.resize)
+
+    def __getstate__(self):  # a pickled memory map would copy the whole cache into each worker
+        return {**self.__dict__, "_cache_arrays": None}
+
+    def _index_cache(self, cache: Path):
+        if not cache.exists():
+            print(f"no image cache at {cache}: reading the image files (build one with `python data.py cache`)")
+            return
+        if not (cache / "meta.json").exists():
+            raise ValueError(f"{cache} is not an image cache (no meta.json); delete it or run `python data.py cache`")
+        meta = json.loads((cache / "meta.json").read_text())
+        if (meta["size"], meta["resize"]) != (self.image_size, self.resize):
+            raise ValueError(f"cache {cache} holds {meta['size']}-pixel {meta['resize']} images, but this dataset "
+                             f"wants {self.image_size}-pixel {self.resize} ones; build a matching cache with "
+                             f"`python data.py cache --size {self.image_size} --resize {self.resize}`")
+        row_of = {image_id: row for row, image_id in enumerate((cache / "ids.txt").read_text().split("\n"))}
+        self.cache_dir, self.cache_rows = cache, [row_of.get(image_id, -1) for image_id, _, _ in self.items]
+        done = int((np.load(cache / "status.npy")[[r for r in self.cache_rows if r >= 0]] == CACHED).sum())
+        if done < len(self.items):
+            print(f"cache {cache}: {done} of {len(self.items)} images cached; the rest are read from their files")
+
+
+def _mimic_reports(root: Path, studies, report_source, sections) -> tuple[dict[str, str], int]:
+    """study_id -> report text for the (subject_id, study_id) pairs, and how many had no report at all."""
+    reports = {}
+    if report_source == "txt":
+        for subject, study in studies:
+            path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
+            if path.exists():
+                reports[study] = compose_report(parse_report_sections(path.read_text(errors="replace")), sections)
+    else:
+        source = Path(report_source)
+        if not source.exists():
+            raise FileNotFoundError(f"report_source {source} does not exist; expected 'txt' or the path of "
+                                    f"mimic_cxr_sectioned.csv (MIT-LCP create_section_files.py)")
+        wanted = {study for _, study in studies}
+        for row in _read_csv(source, SECTIONED_COLUMNS):
+            if row["study"][1:] in wanted:  # "s59999991" -> "59999991"
+                reports[row["study"][1:]] = compose_report(row, sections)
+    return reports, len(studies) - len(reports)
+
+
+class MimicCXR(ImageReportDataset):
+    """MIMIC-CXR-JPG v2 (data-formats §1): one item per image of the chosen split and views.
+
+    root holds mimic-cxr-2.0.0-{metadata,split}.csv(.gz) and files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg.
+    report_source: "txt" reads files/pXX/pXXXXXXXX/sXXXXXXXX.txt (unzip mimic-cxr-reports.zip into root), or
+    a path to MIT-LCP's mimic_cxr_sectioned.csv. The report is the `sections` joined; without any of them,
+    the last paragraph. Studies with an empty or missing report are
+    skipped and counted in `self.skipped`. split=None keeps every split (the image cache uses that).
+    """
+
+    def __init__(self, root, split: str | None = "train", image_size: int = 224, in_chans: int = 3,
+                 report_source: str = "txt", sections=("findings", "impression"), views=FRONTAL_VIEWS,
+                 augment: bool | None = None, cache=None, seed: int | None = None, resize: str = "letterbox"):
+        root = _check_root(root, "MIMIC-CXR-JPG")
+        if split not in ("train", "validate", "test", None):
+            raise ValueError(f"split must be 'train', 'validate', 'test' or None, got {split!r}")
+        if unknown := set(sections) - set(REPORT_SECTIONS):
+            raise ValueError(f"unknown report sections {sorted(unknown)}; choose from {REPORT_SECTIONS}")
+        split_of = {row["dicom_id"]: row["split"]
+                    for row in _read_csv(_find_file(root, "mimic-cxr-2.0.0-split.csv"), SPLIT_COLUMNS)}
+        images = [(row["dicom_id"], row["subject_id"], row["study_id"])
+                  for row in _read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)
+                  if row["ViewPosition"] in views and split in (None, split_of.get(row["dicom_id"], "unlisted"))]
+        studies = dict.fromkeys((subject, study) for _, subject, study in images)
+        reports, no_report = _mimic_reports(root, studies, report_source, sections)
+        reports = {study: text for study, text in reports.items() if report_sentences(text)}
+        empty = len(studies) - no_report - len(reports)
+        items = [(dicom, str(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"),
+                  study) for dicom, subject, study in images if study in reports]
+        self.skipped = {"empty_report": empty, "no_report": no_report}
+        print(f"MimicCXR({split}): {len(items)} images of views {'/'.join(views)}; skipped {empty} studies with "
+              f"an empty report and {no_report} without a report ({report_source})")
+        super().__init__(items, reports, image_size, in_chans, resize,
+                         split == "train" if augment is None else augment, cache, seed)
+
+
+class OpenI(ImageReportDataset):
+    """Indiana University chest X-rays (NLMCXR, data-formats §7): one item per <parentImage> of a report.
+
+    root holds ecgen-radiology/<n>.xml (NLMCXR_reports.tgz) and the PNGs named <parentImage id>.png
+    (NLMCXR_png.tgz unpacks them flat; images_dir, relative to root). The XML has no view: pass views_csv,
+    torchxrayvision's nlmcxr_tsne_pa.csv(.gz) (imageid,tsne-view), to keep the PA images only; without it
+    every image is kept, laterals included. Reports whose sections are empty are skipped and counted.
+    """
+
+    def __init__(self, root, image_size: int = 224, in_chans: int = 3, sections=("findings", "impression"),
+                 views_csv=None, images_dir: str = ".", augment: bool = False, cache=None, seed: int | None = None,
+                 resize: str = "letterbox"):
+        root = _check_root(root, "Open-i")
+        xml_files = sorted((root / "ecgen-radiology").glob("*.xml"))
+        if not xml_files:
+            raise FileNotFoundError(f"no report XML in {root / 'ecgen-radiology'}; unpack NLMCXR_reports.tgz there")
+        frontal = None
+        if views_csv is not None:
+            frontal = {row["imageid"] for row in _read_csv(Path(views_csv), ("imageid", "tsne-view"))
+                       if row["tsne-view"] == "PA"}
+        items, reports, empty, unreadable = [], {}, 0, 0
+        for xml_file in xml_files:
+            try:
+                tree = ET.parse(xml_file)
+            except ET.ParseError as error:
+                print(f"skipping {xml_file}: not a valid report XML ({error})", file=sys.stderr)
+                unreadable += 1
+                continue
+            texts = {node.get("Label", "").lower(): "".join(node.itertext())
+                     for node in tree.iter("AbstractText")}
+            report = compose_report(texts, sections)
+            if not report_sentences(report):
+                empty += 1
+                continue
+            reports[xml_file.stem] = report
+            for node in tree.iter("parentImage"):
+                if frontal is None or node.get("id") in frontal:
+                    items.append((node.get("id"), str(root / images_dir / f"{node.get('id')}.png"), xml_file.stem))
+        self.skipped = {"empty_report": empty, "unreadable_xml": unreadable}
+        print(f"OpenI: {len(items)} images ({'PA only' if frontal is not None else 'all views'}) of {len(reports)} "
+              f"reports; skipped {empty} empty reports and {unreadable} unreadable XML files")
+        super().__init__(items, reports, image_size, in_chans, resize, augment, cache, seed)
+
+
+class Collate:
+    """Batches items: drops None (unreadable images), stacks images, tokenizes captions with dynamic padding (§4).
+
+    Returns dict(images (B, C, S, S), input_ids (B, T), attention_mask (B, T), captions, skipped = items
+    dropped), or None if all were dropped (the training loop skips it). A class, so workers can pickle it."""
+
+    def __init__(self, tokenizer, max_len: int = 100):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, items):
+        kept = [item for item in items if item is not None]
+        if not kept:
+            return None
+        captions = [item["caption"] for item in kept]
+        # default_collate stacks straight into shared memory inside a worker: one copy less per batch
+        return {"images": default_collate([item["image"] for item in kept]),  # (B, C, S, S)
+                **encode_texts(self.tokenizer, captions, self.max_len), "captions": captions,
+                "skipped": len(items) - len(kept)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image cache
+
+PENDING, CACHED, UNREADABLE = 0, 1, 2  # status.npy values
+
+
+def _load_chunk(rows: list[int], paths: list[str], size: int, resize: str) -> list:
+    """[(row, uint8 (size, size) or None if unreadable)]; runs in a DataLoader worker as its collate_fn."""
+    chunk = []
+    for row in rows:
+        try:
+            with Image.open(paths[row]) as image:
+                chunk.append((row, resize_to_square(image, size, resize)))
+        except (OSError, SyntaxError, ValueError) as error:
+            print(f"cache: skipping {paths[row]} ({error})", file=sys.stderr)
+            chunk.append((row, None))
+    return chunk
+
+
+def _write_atomic(path: Path, text: str):
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0) -> Path:
+    """Resize each image of `dataset` once, at its image_size and resize mode, into `out`; resumable, memory
+    bounded by a few chunks.
+
+    Files: ids.txt (image ids, row order), images.npy (uint8 (N, S, S) memory map), status.npy (per row:
+    0 pending, 1 cached, 2 unreadable), meta.json (written last at creation: the store is complete), and
+    progress.json (rows done; replaced atomically after each chunk is flushed, so an interruption at any point
+    loses at most the chunk in flight and re-running continues from it).
+    """
+    out, size, resize = Path(out), dataset.image_size, dataset.resize
+    ids = [image_id for image_id, _, _ in dataset.items]
+    if not ids:
+        raise ValueError(f"nothing to cache for {out}: the dataset selected no images")
+    meta = {"size": size, "resize": resize, "count": len(ids)}
+    if (out / "meta.json").exists():
+        if json.loads((out / "meta.json").read_text()) != meta or (out / "ids.txt").read_text().split("\n") != ids:
+            raise ValueError(f"{out} holds a cache of other images or another size; delete it or choose --out")
+        done = json.loads((out / "progress.json").read_text())["done"] if (out / "progress.json").exists() else 0
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "ids.txt", "\n".join(ids))
+        np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8, shape=(len(ids), size, size)).flush()
+        np.save(out / "status.npy", np.full(len(ids), PENDING, dtype=np.uint8))
+        _write_atomic(out / "meta.json", json.dumps(meta))
+        done = 0
+    images = np.load(out / "images.npy", mmap_mode="r+")
+    status = np.load(out / "status.npy", mmap_mode="r+")
+    paths = [path for _, path, _ in dataset.items]
+    loader = DataLoader(range(done, len(ids)), batch_size=chunk_size, num_workers=workers,
+                        collate_fn=functools.partial(_load_chunk, paths=paths, size=size, resize=resize))
+    with tqdm(total=len(ids), initial=done, unit="img", desc=f"cache {out}") as progress:
+        for chunk in loader:
+            for index, pixels in chunk:
+                if pixels is not None:
+                    images[index] = pixels
+                status[index] = UNREADABLE if pixels is None else CACHED
+            images.flush()
+            status.flush()
+            done = chunk[-1][0] + 1
+            _write_atomic(out / "progress.json", json.dumps({"done": done}))
+            progress.update(len(chunk))
+    bad = int((status == UNREADABLE).sum())
+    print(f"cache {out}: {len(ids) - bad} images cached, {bad} unreadable (skipped when training)")
+    return out
+
+
+@dataclasses.dataclass
+class CacheConfig:
+    data: str = dataclasses.field(default="mimic", metadata={"help": "dataset layout: mimic or openi"})
+    root: str = dataclasses.field(default="data/synthetic", metadata={"help": "dataset root folder"})
+    size: int = dataclasses.field(default=448, metadata={"help": "side S of the cached square images"})
+    out: str = dataclasses.field(default="", metadata={"help": "cache folder; empty = <root>/cache-<size>"})
+    resize: str = dataclasses.field(default="letterbox", metadata={"help": "letterbox (pad) or crop"})
+    chunk_size: int = dataclasses.field(default=256, metadata={"help": "images per flushed chunk"})
+    workers: int = dataclasses.field(default=2, metadata={"help": "image decoding processes"})
+
+
+def main(argv=None):
+    arguments = vars(build_parser(CacheConfig, "Resize every image of a dataset once into a uint8 memory map that "
+                                             "training reads (resumable: re-run to continue).", ["cache"])
+                     .parse_args(argv))
+    config = CacheConfig(**{name: value for name, value in arguments.items() if name != "command"})
+    try:
+        if config.data not in ("mimic", "openi") or config.resize not in RESIZE_MODES:
+            raise ValueError(f"--data must be mimic or openi and --resize one of {RESIZE_MODES}")
+        if config.data == "mimic":
+            dataset = MimicCXR(config.root, split=None, image_size=config.size, resize=config.resize)
+        else:
+            dataset = OpenI(config.root, image_size=config.size, resize=config.resize)
+        build_cache(dataset, config.out or Path(config.root) / f"cache-{config.size}", config.chunk_size,
+                    config.workers)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

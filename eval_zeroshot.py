@@ -1,0 +1,517 @@
+"""Zero-shot classification and phrase grounding of a trained MaCo model (spec/maco-method.md §8, §9; D9, D10).
+
+Zero-shot (§8): a class is scored by comparing the image embedding z with the mean embedding of its positive
+prompts and of its negative prompts: p = softmax([z·e+, z·e-])[0] = sigmoid(z·(e+ - e-)), raw dot products as
+released (cosine as an option). Metrics: ROC AUC per class (Mann-Whitney, ties count 1/2) and its macro mean
+with a bootstrap 95% interval, F1 and accuracy at 0.5.
+Grounding (§9): a similarity map per (image, phrase) from the patch embeddings weighted by the correlation
+head's spatial prior, smoothed, upsampled and scaled to [-1, 1]; CNR, mIoU over 5 thresholds, pointing game.
+
+    python eval_zeroshot.py --ckpt runs/maco/checkpoint.pt              # synthetic test split (data/synthetic)
+    python eval_zeroshot.py --ckpt ckpt.pt --data nih --root /data/NIH   # or rsna, siim, chexpert, ms-cxr
+Evaluation-set loaders live in benchmarks.py.
+"""
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import benchmarks
+from cli import parse_config
+from maco import load_checkpoint
+from text_encoder import encode_texts
+
+# Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
+PROMPT_SETS = {
+    "default": (["There is {c}. "],
+                ["the lung is clear.", "There is no {c}. ", "no {c}. ", "no evidence of {c}. "]),
+    "siim": (["Abnormal collection of air in the pleural space between the lung and the chest wall. ", "There is {c}. "],
+             ["the lung is clear.", "There is no {c}. ", "no {c}. ", "no evidence of {c}. ",
+              "The lung parenchyma is homogeneous, and the lung markings are normal and symmetrical. "]),
+}
+IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def class_prompts(class_names: list[str], prompt_set: str = "default") -> dict[str, tuple[list[str], list[str]]]:
+    """{class name: (positive prompts, negative prompts)} from a released prompt set."""
+    positives, negatives = PROMPT_SETS[prompt_set]
+    return {name: ([p.format(c=name.lower()) for p in positives], [n.format(c=name.lower()) for n in negatives])
+            for name in class_names}
+
+
+# ----------------------------------------------------------------------------- classification metrics
+
+def _nanmean(values) -> float:
+    """Mean over the non-NaN values; NaN (without a warning) if there are none."""
+    values = np.asarray(values, np.float64)
+    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+
+
+def _known(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """float64 labels and scores without the items whose label is NaN (uncertain)."""
+    labels, scores = np.asarray(labels, np.float64), np.asarray(scores, np.float64)
+    return labels[~np.isnan(labels)], scores[~np.isnan(labels)]
+
+
+def roc_auc(labels, scores) -> float:
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties counting 1/2
+    (Mann-Whitney U / (n+ n-)), via average ranks in O(n log n). NaN labels are ignored; NaN if one class is absent."""
+    labels, scores = _known(labels, scores)
+    n_pos = int((labels == 1).sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores)  # tied scores share their average rank, so the order among them is irrelevant
+    sorted_scores = scores[order]
+    new_group = np.concatenate([[True], sorted_scores[1:] != sorted_scores[:-1]])
+    starts = np.flatnonzero(new_group)
+    ends = np.append(starts[1:], len(scores))
+    ranks = np.empty(len(scores))
+    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(new_group) - 1]  # 1-based rank, averaged over ties
+    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates), from (0, 0) to (1, 1), one point per distinct score."""
+    labels, scores = _known(labels, scores)
+    order = np.argsort(-scores, kind="stable")
+    labels, scores = labels[order], scores[order]
+    last_of_group = np.append(scores[1:] != scores[:-1], True)
+    true_pos = np.cumsum(labels)[last_of_group]
+    false_pos = (np.flatnonzero(last_of_group) + 1) - true_pos
+    return (np.concatenate([[0.0], false_pos / max(false_pos[-1], 1)]),
+            np.concatenate([[0.0], true_pos / max(true_pos[-1], 1)]))
+
+
+def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    true_pos = np.sum(truth & predicted)
+    denominator = 2 * true_pos + np.sum(~truth & predicted) + np.sum(truth & ~predicted)
+    return float(2 * true_pos / denominator) if denominator else 0.0
+
+
+def _decisions(labels, scores, threshold) -> tuple[np.ndarray, np.ndarray]:
+    labels, scores = _known(labels, scores)
+    # p > 0.5 equals the released np.round(p) on [0, 1] (round half to even sends 0.5 to 0)
+    return labels == 1, scores > threshold
+
+
+def f1_positive(labels, scores, threshold: float = 0.5) -> float:
+    """F1 of the positive class at `threshold` (0 when undefined)."""
+    truth, predicted = _decisions(labels, scores, threshold)
+    return _f1(truth, predicted)
+
+
+def f1_support_weighted(labels, scores, threshold: float = 0.5) -> float:
+    """The released metric: mean of the class-1 and class-0 F1 weighted by their supports
+    (scikit-learn average='weighted'), not the positive-class F1."""
+    truth, predicted = _decisions(labels, scores, threshold)
+    if len(truth) == 0:
+        return float("nan")
+    n_pos = truth.sum()
+    return float((n_pos * _f1(truth, predicted) + (len(truth) - n_pos) * _f1(~truth, ~predicted)) / len(truth))
+
+
+def accuracy(labels, scores, threshold: float = 0.5) -> float:
+    truth, predicted = _decisions(labels, scores, threshold)
+    return float(np.mean(truth == predicted)) if len(truth) else float("nan")
+
+
+def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Unweighted mean over classes (columns) of the AUC, over the classes where it is defined."""
+    return _nanmean([roc_auc(labels[:, c], scores[:, c]) for c in range(labels.shape[1])])
+
+
+def bootstrap_macro_auc_ci(labels, scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the macro AUC, resampling images with replacement (seeded)."""
+    labels, scores = np.asarray(labels, np.float64), np.asarray(scores, np.float64)
+    rng = np.random.default_rng(seed)
+    values = np.array([macro_auc(labels[idx], scores[idx])
+                       for idx in (rng.integers(0, len(labels), len(labels)) for _ in range(n_boot))])
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(low), float(high)
+
+
+def classification_metrics(labels, scores, class_names: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per-class AUC, F1 (positive-class and support-weighted), accuracy; macro means; bootstrap CI of the macro AUC."""
+    labels, scores = np.asarray(labels, np.float64), np.asarray(scores, np.float64)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        y, p = labels[:, c], scores[:, c]
+        per_class[name] = dict(auc=roc_auc(y, p), f1=f1_positive(y, p), f1_support_weighted=f1_support_weighted(y, p),
+                               accuracy=accuracy(y, p), n_pos=int(np.sum(y == 1)), n_neg=int(np.sum(y == 0)))
+    macro = {key: _nanmean([m[key] for m in per_class.values()])
+             for key in ("f1", "f1_support_weighted", "accuracy")}
+    return dict(n_images=len(labels), macro_auc=macro_auc(labels, scores),
+                macro_auc_ci95=list(bootstrap_macro_auc_ci(labels, scores, n_boot, seed)),
+                **{f"macro_{key}": value for key, value in macro.items()}, per_class=per_class)
+
+
+# ----------------------------------------------------------------------------- grounding metrics
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """Gaussian filter over the last two dims (..., H, W), matching scipy.ndimage.gaussian_filter's defaults:
+    separable kernel of radius floor(4 sigma + 0.5), weights ∝ exp(-x²/2σ²) summing to 1, half-sample
+    reflection at the borders (d c b a | a b c d | d c b a), repeated for borders wider than the map."""
+    radius = int(4 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    for dim in (-1, -2):
+        n = maps.shape[dim]
+        index = torch.arange(-radius, n + radius, device=maps.device) % (2 * n)
+        index = torch.where(index >= n, 2 * n - 1 - index, index)  # reflected source index of each padded position
+        windows = maps.index_select(dim, index).unfold(dim, 2 * radius + 1, 1)  # (..., H, W, 2r+1)
+        maps = windows @ kernel
+    return maps
+
+
+def cnr(heatmap, box_mask) -> float:
+    """Contrast-to-noise ratio (μ_A − μ_Ā) / sqrt(σ²_A + σ²_Ā), signed, population variances, A = box region;
+    0 if the denominator is 0, NaN if A or its complement is empty."""
+    heat, inside = _numpy(heatmap).astype(np.float64), _numpy(box_mask).astype(bool)
+    if inside.all() or not inside.any():
+        return float("nan")
+    box, rest = heat[inside], heat[~inside]
+    denominator = np.sqrt(box.var() + rest.var())
+    return float((box.mean() - rest.mean()) / denominator) if denominator > 0 else 0.0
+
+
+def iou_at_thresholds(heatmap, box_mask, thresholds=IOU_THRESHOLDS) -> np.ndarray:
+    """IoU of {heatmap > t} with the box region for each t, (T,); NaN where either set is empty."""
+    heat, inside = _numpy(heatmap), _numpy(box_mask).astype(bool)
+    ious = []
+    for t in thresholds:
+        predicted = heat > t
+        union = np.sum(predicted | inside)
+        ious.append(np.sum(predicted & inside) / union if predicted.any() and inside.any() else float("nan"))
+    return np.array(ious, np.float64)
+
+
+def miou(heatmap, box_mask, thresholds=IOU_THRESHOLDS) -> float:
+    """Mean IoU over thresholds for one pair. Averaging this over pairs equals the released order (mean over
+    pairs per threshold, then over thresholds) whenever no IoU is NaN."""
+    return float(np.mean(iou_at_thresholds(heatmap, box_mask, thresholds)))
+
+
+def pointing_game(heatmap, box_mask) -> float:
+    """1 if any pixel attaining the map's maximum lies in the box region, else 0."""
+    heat, inside = _numpy(heatmap), _numpy(box_mask).astype(bool)
+    return float(inside[heat == heat.max()].any())
+
+
+# ----------------------------------------------------------------------------- model-dependent parts
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Text embeddings e_T (len(texts), D); the tokenizer prepends [CLS] (§4). Call model.eval() first."""
+    batch = encode_texts(tokenizer, texts, max_len=model.cfg.max_len)
+    device = _model_device(model)
+    return model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+
+@torch.no_grad()
+def class_embeddings(model, tokenizer, prompts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean positive and mean negative prompt embeddings per class, unnormalised: ((C, D), (C, D))."""
+    texts = [text for pos, neg in prompts.values() for text in pos + neg]
+    embeddings = embed_texts(model, tokenizer, texts)  # (total prompts, D)
+    means, start = [], 0
+    for pos, neg in prompts.values():
+        means.append(embeddings[start:start + len(pos)].mean(0))
+        means.append(embeddings[start + len(pos):start + len(pos) + len(neg)].mean(0))
+        start += len(pos) + len(neg)
+    means = torch.stack(means).view(len(prompts), 2, -1)  # (C, 2, D)
+    return means[:, 0], means[:, 1]
+
+
+def prompt_scores(image_emb: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, cosine: bool = False) -> torch.Tensor:
+    """p = softmax([z·e+, z·e-])[0] = sigmoid(z·(e+ − e-)) per image and class: (B, D), (C, D), (C, D) -> (B, C).
+    `cosine` L2-normalises z, e+ and e- first."""
+    if cosine:
+        image_emb, positive, negative = (F.normalize(x, dim=-1) for x in (image_emb, positive, negative))
+    logits = torch.stack([image_emb @ positive.T, image_emb @ negative.T], dim=-1)  # (B, C, 2)
+    return logits.softmax(-1)[..., 0]
+
+
+@torch.no_grad()
+def zero_shot_scores(model, images: torch.Tensor, class_prompts: dict, tokenizer, cosine: bool = False) -> torch.Tensor:
+    """Class probabilities (B, C) for preprocessed images (B, C_in, S, S), released scoring (§8, D9)."""
+    positive, negative = class_embeddings(model, tokenizer, class_prompts)
+    _, image_emb = model.encode_image(images.to(_model_device(model)))  # (B, D): projected patches, averaged
+    return prompt_scores(image_emb, positive, negative, cosine)
+
+
+def grounding_caption(phrase: str) -> str:
+    """§9 text rule: split at '.', keep pieces longer than 5 characters (with '. ' appended) that hold no '_'
+    and do not start with ','; lower-case and join. Falls back to the whole phrase if nothing is kept."""
+    pieces = [piece.strip() + ". " for piece in phrase.split(".")]
+    kept = [piece.lower() for piece in pieces if len(piece) > 5 and "_" not in piece and not piece.startswith(",")]
+    return "".join(kept) or phrase.strip().lower() + ". "
+
+
+@torch.no_grad()
+def similarity_map(model, images: torch.Tensor, phrases, tokenizer=None, sigma: float = 1.5,
+                   prior_temperature: float = 0.02) -> torch.Tensor:
+    """Grounding maps (D10). images: (B, C, S, S) or (C, S, S), preprocessed; phrases: text embeddings (B, D)
+    or (D,), or strings (then `tokenizer` is needed). Returns CPU maps (B, S, S) (or (S, S)) in [-1, 1]."""
+    single = images.dim() == 3
+    images = (images[None] if single else images).to(_model_device(model))
+    if isinstance(phrases, str):
+        phrases = [phrases]
+    if isinstance(phrases, (list, tuple)):
+        phrases = embed_texts(model, tokenizer, [grounding_caption(p) for p in phrases])
+    phrase_embs = phrases.reshape(-1, phrases.shape[-1]).to(images.device)  # (B, D)
+    patch_emb, _ = model.encode_image(images)  # (B, N, D) projected patch tokens P_I(h_n)
+    batch, num_patches, _ = patch_emb.shape
+    prior = torch.softmax(model.score_head.weight.reshape(-1) / prior_temperature, dim=0)  # (N,) α = softmax(w / 0.02)
+    similarity = torch.einsum("bnd,bd->bn", patch_emb * prior[:, None], phrase_embs)  # raw dot product
+    grid = int(round(num_patches ** 0.5))
+    # float64 on the CPU (the maps are small): min-max scaling must tell a flat map from rounding noise
+    maps = gaussian_smooth(similarity.view(batch, grid, grid).cpu().double(), sigma)  # (B, g, g), sigma in patches
+    maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+    spread = high - low
+    has_contrast = spread > 1e-9 * torch.maximum(high.abs(), low.abs())  # not just rounding of a constant map
+    maps = torch.where(has_contrast, 2 * (maps - low) / torch.where(has_contrast, spread, 1.0) - 1, 0.0)
+    maps = maps.float()  # (B, S, S) in [-1, 1]; a constant map becomes 0
+    return maps[0] if single else maps
+
+
+# ----------------------------------------------------------------------------- evaluation loops
+
+def _loader(dataset, batch_size: int, workers: int):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate_zero_shot(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
+                       cosine: bool = False, batch_size: int = 32, workers: int = 0, n_boot: int = 1000,
+                       seed: int = 0, out_dir=None) -> dict:
+    """Zero-shot metrics over a dataset of (image, labels) pairs; with `out_dir`, also roc_curves.png there."""
+    model.eval()
+    positive, negative = class_embeddings(model, tokenizer, class_prompts(class_names, prompt_set))
+    all_scores, all_labels = [], []
+    for images, labels in tqdm(_loader(dataset, batch_size, workers), desc="zero-shot", leave=False):
+        _, image_emb = model.encode_image(images.to(_model_device(model)))
+        all_scores.append(prompt_scores(image_emb, positive, negative, cosine).cpu())
+        all_labels.append(labels)
+    scores, labels = torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
+    metrics = classification_metrics(labels, scores, class_names, n_boot, seed)
+    metrics.update(prompt_set=prompt_set, scoring="cosine" if cosine else "dot")
+    if out_dir is not None:
+        plot_roc(labels, scores, class_names, Path(out_dir) / "roc_curves.png", metrics["macro_auc"])
+    return metrics
+
+
+def grounding_summary(pairs: list[dict]) -> dict:
+    """Means over pairs (released `iou`/`cnr`) and over categories of per-category means (released `*_cat`)."""
+    keys = ("cnr", "abs_cnr", "miou", "pointing_game")
+    ious = np.array([pair["iou"] for pair in pairs])  # (pairs, thresholds)
+    overall = {key: _nanmean([pair[key] for pair in pairs]) for key in keys}
+    overall["miou"] = float(np.mean(ious.mean(0)))  # mean over pairs per threshold, then over thresholds (§9)
+    overall["iou_per_threshold"] = dict(zip(map(str, IOU_THRESHOLDS), ious.mean(0).tolist()))
+    per_category = {}
+    for category in sorted({pair["category"] for pair in pairs}):
+        members = [pair for pair in pairs if pair["category"] == category]
+        per_category[category] = dict(n_pairs=len(members), **{key: _nanmean([p[key] for p in members]) for key in keys})
+    category_mean = {key: _nanmean([m[key] for m in per_category.values()]) for key in keys}
+    return dict(n_pairs=len(pairs), overall=overall, category_mean=category_mean, per_category=per_category)
+
+
+@torch.no_grad()
+def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers: int = 0, out_dir=None,
+                       n_overlays: int = 8) -> dict:
+    """Grounding metrics over a `benchmarks.GroundingDataset`; with `out_dir`, overlays of the first pairs.
+    A box that floors to nothing in the model's frame (a few pixels wide at a small input size) has no
+    defined metric: such pairs are counted as `skipped_empty_boxes`, not scored."""
+    model.eval()
+    pairs, skipped = [], 0
+    for batch in tqdm(_loader(dataset, batch_size, workers), desc="grounding", leave=False):
+        maps = similarity_map(model, batch["image"], list(batch["phrase"]), tokenizer).cpu()
+        for i, heat in enumerate(maps):
+            mask = batch["mask"][i]
+            if not mask.any():
+                skipped += 1
+                continue
+            pair = dict(path=batch["path"][i], phrase=batch["phrase"][i], category=batch["category"][i],
+                        cnr=cnr(heat, mask), miou=miou(heat, mask), iou=iou_at_thresholds(heat, mask).tolist(),
+                        pointing_game=pointing_game(heat, mask))
+            pair["abs_cnr"] = abs(pair["cnr"])
+            if out_dir is not None and len(pairs) < n_overlays:
+                plot_overlay(batch["image"][i], mask, heat, Path(out_dir) / f"grounding_{len(pairs):03d}.png",
+                             f"{pair['category']}: {pair['phrase']}\nCNR {pair['cnr']:.2f}  mIoU {pair['miou']:.2f}")
+            pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"no grounding pair has a box in the {dataset.size}-pixel model frame ({skipped} skipped)")
+    return dict(**grounding_summary(pairs), skipped_empty_boxes=skipped, pairs=pairs)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _write_atomic(path, write) -> None:
+    """write(temporary path) beside `path`, then os.replace: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)  # strict JSON has no NaN
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def write_json(data: dict, path) -> None:
+    _write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(_jsonable(data), indent=2)))
+
+
+def _save_figure(figure: Figure, path) -> None:
+    _write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_roc(labels, scores, class_names: list[str], path, macro: float) -> None:
+    figure = Figure(figsize=(5.5, 5))  # no pyplot: no global backend state (safe inside notebooks)
+    axis = figure.subplots()
+    for c, name in enumerate(class_names):
+        fpr, tpr = roc_curve(labels[:, c], scores[:, c])
+        axis.plot(fpr, tpr, lw=1.2, label=f"{name} ({roc_auc(labels[:, c], scores[:, c]):.3f})")
+    axis.plot([0, 1], [0, 1], "k:", lw=0.8)
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"Zero-shot ROC (macro AUC {macro:.3f})")
+    axis.legend(fontsize=7, loc="lower right")
+    _save_figure(figure, path)
+
+
+def plot_overlay(image: torch.Tensor, mask, heatmap, path, title: str) -> None:
+    """The image with its true box (left) and with the [-1, 1] similarity map on top (right)."""
+    figure = Figure(figsize=(7, 3.8))
+    axes = figure.subplots(1, 2)
+    for axis in axes:
+        axis.imshow(_numpy(image)[0], cmap="gray")
+        axis.contour(_numpy(mask).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+        axis.axis("off")
+    shown = axes[1].imshow(_numpy(heatmap), cmap="jet", alpha=0.45, vmin=-1, vmax=1)
+    figure.colorbar(shown, ax=list(axes), fraction=0.025)  # shrinks both panels alike
+    figure.suptitle(title, fontsize=8)
+    _save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+@dataclass
+class EvalConfig:
+    ckpt: str = field(default="", metadata={"help": "checkpoint written by train.py (required)"})
+    data: str = field(default="synthetic", metadata={"help": "synthetic | nih | rsna | siim | chexpert | ms-cxr"})
+    root: str = field(default="data/synthetic", metadata={
+        "help": "dataset folder: synthetic world, NIH (Data_Entry CSV, split list, images/), RSNA (stage_2_train_labels.csv), "
+                "SIIM (train-rle.csv and images below it), CheXpert (valid.csv/train.csv), MS-CXR (its CSV)"})
+    mimic_root: str = field(default="", metadata={"help": "ms-cxr: MIMIC-CXR-JPG folder that holds files/"})
+    split_file: str = field(default="", metadata={
+        "help": "split list, relative to --root or absolute ('' = NIH test_list.txt; RSNA and SIIM: every labelled "
+                "image; pass MaCo's DatasetsSplits/*/test_list.txt to reproduce its test sets)"})
+    split: str = field(default="", metadata={"help": "synthetic: test (default) | validate | train; chexpert: valid (default) | train"})
+    uncertain: str = field(default="maco", metadata={
+        "help": "chexpert uncertain (-1.0) labels: maco (U-Ones for atelectasis, edema, effusion; U-Zeros for the "
+                "others) | ones | zeros | ignore"})
+    prompts: str = field(default="", metadata={"help": "prompt set: default | siim ('' = siim for SIIM, else default)"})
+    cosine: bool = field(default=False, metadata={"help": "cosine scoring instead of the released raw dot products"})
+    out: str = field(default="out/eval", metadata={"help": "output folder for metrics.json and the PNGs"})
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
+    workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    max_images: int = field(default=0, metadata={"help": "evaluate only the first N images / pairs (0 = all)"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the macro-AUC 95%% interval"})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+    overlays: int = field(default=8, metadata={"help": "grounding overlay PNGs to write"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+
+
+def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
+    """Evaluate a checkpoint (or an in-memory model and tokenizer) on cfg.data; writes metrics.json and PNGs to cfg.out."""
+    if cfg.prompts and cfg.prompts not in PROMPT_SETS:
+        raise ValueError(f"--prompts {cfg.prompts!r}: expected one of {sorted(PROMPT_SETS)}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if model is None:
+        if not Path(cfg.ckpt).is_file():
+            raise FileNotFoundError(f"checkpoint {cfg.ckpt!r} not found (pass --ckpt, a file written by train.py)")
+        model, tokenizer, _ = load_checkpoint(cfg.ckpt, device)
+    model = model.to(device).eval()
+    zero_shot, grounding = benchmarks.load_benchmark(
+        cfg.data, cfg.root, model.cfg.img_size, model.cfg.in_chans, split_file=cfg.split_file, split=cfg.split,
+        uncertain=cfg.uncertain, mimic_root=cfg.mimic_root, limit=cfg.max_images or None)
+    results = dict(data=cfg.data, root=str(cfg.root), checkpoint=cfg.ckpt, config=dataclasses.asdict(cfg))
+    if zero_shot is not None:
+        dataset, class_names, prompt_set = zero_shot
+        prompt_set = cfg.prompts or prompt_set
+        results["zero_shot"] = evaluate_zero_shot(model, tokenizer, dataset, class_names, prompt_set, cfg.cosine,
+                                                  cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out)
+    if grounding is not None:
+        results["grounding"] = evaluate_grounding(model, tokenizer, grounding, cfg.batch_size, cfg.workers,
+                                                  cfg.out, cfg.overlays)
+    write_json(results, Path(cfg.out) / "metrics.json")
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = []
+    if "zero_shot" in results:
+        zs = results["zero_shot"]
+        lines.append(f"{'class':<28}{'AUC':>7}{'F1':>7}{'F1(w)':>7}{'acc':>7}{'pos':>6}{'neg':>6}")
+        for name, m in zs["per_class"].items():
+            lines.append(f"{name:<28}{m['auc']:>7.3f}{m['f1']:>7.3f}{m['f1_support_weighted']:>7.3f}"
+                         f"{m['accuracy']:>7.3f}{m['n_pos']:>6}{m['n_neg']:>6}")
+        low, high = zs["macro_auc_ci95"]
+        lines.append(f"{'macro':<28}{zs['macro_auc']:>7.3f}{zs['macro_f1']:>7.3f}{zs['macro_f1_support_weighted']:>7.3f}"
+                     f"{zs['macro_accuracy']:>7.3f}   AUC 95% CI [{low:.3f}, {high:.3f}], {zs['n_images']} images")
+    if "grounding" in results:
+        gr = results["grounding"]
+        lines.append(f"\n{'grounding category':<28}{'n':>5}{'CNR':>8}{'|CNR|':>8}{'mIoU':>8}{'point':>8}")
+        rows = [*gr["per_category"].items(), ("mean over categories", gr["category_mean"]), ("mean over pairs", gr["overall"])]
+        for name, m in rows:
+            count = m.get("n_pairs", gr["n_pairs"] if name == "mean over pairs" else "")
+            lines.append(f"{name:<28}{count:>5}{m['cnr']:>8.3f}{m['abs_cnr']:>8.3f}{m['miou']:>8.3f}{m['pointing_game']:>8.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(EvalConfig, argv, __doc__)
+    try:
+        results = run_evaluation(cfg)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    print(f"\nwrote {Path(cfg.out) / 'metrics.json'} and the plots beside it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

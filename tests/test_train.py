@@ -1,0 +1,97 @@
+"""train.py: learning, exact resumption, the MAE init report, and clear errors for bad input."""
+
+import json
+
+import pytest
+import torch
+
+import train
+from cli import parse_config
+from maco import MaCo, MaCoConfig, load_mae_encoder
+
+
+def run(argv):
+    return train.train(parse_config(train.TrainConfig, argv))
+
+
+def small_run_args(root, out, *extra):
+    return ["--root", str(root), "--out-dir", str(out), "--batch-size", "8", "--num-workers", "0",
+            "--no-eval", "--log-interval", "1", *extra]
+
+
+def logged(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_short_cpu_run_lowers_the_total_loss(synthetic_root, tmp_path):
+    result = run(small_run_args(synthetic_root, tmp_path, "--epochs", "6", "--lr", "2e-3", "--ckpt-interval", "1000"))
+    losses = [row["loss"] for row in logged(tmp_path)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    model_cfg = torch.load(result["checkpoint"], weights_only=True)["model_config"]
+    assert model_cfg["img_size"] == MaCoConfig.preset("tiny").img_size
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(synthetic_root, tmp_path):
+    common = ("--epochs", "2", "--ckpt-interval", "3")
+    run(small_run_args(synthetic_root, tmp_path / "straight", *common))
+    run(small_run_args(synthetic_root, tmp_path / "killed", *common, "--stop-after-steps", "5"))
+    checkpoint = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 5
+    run(["--resume", str(tmp_path / "killed" / "checkpoint.pt"), "--num-workers", "0", "--no-eval"])
+    straight, resumed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+
+
+def test_mae_init_reports_loaded_and_missing_keys_and_rejects_shape_mismatches(tmp_path):
+    model = MaCo(MaCoConfig.preset("tiny"))
+    state = {k: torch.randn_like(v) for k, v in model.image_encoder.state_dict().items() if k != "norm.bias"}
+    state["head.weight"] = torch.randn(10, 192)
+    torch.save({"model": state}, tmp_path / "mae.pth")
+    report = load_mae_encoder(model, tmp_path / "mae.pth")
+    assert "loaded" in report and "norm.bias" in report and "head.weight" in report
+    assert torch.equal(model.image_encoder.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+    state["blocks.0.attn.qkv.weight"] = torch.randn(3 * 768, 768)
+    torch.save({"model": state}, tmp_path / "mae_base.pth")
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qkv.weight: file \(2304, 768\) vs model \(576, 192\)"):
+        load_mae_encoder(model, tmp_path / "mae_base.pth")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "chexray"], "unknown --data 'chexray'"),
+    (["--data", "mimic"], "needs --root"),
+    (["--data", "mimic", "--root", "no/such/folder"], "no/such/folder"),
+    (["--init", "no/such/mae.pth"], "no such file"),
+    (["--resume", "no/such/checkpoint.pt"], "no such checkpoint"),
+])
+def test_bad_arguments_give_a_clear_message_and_exit_code_2(argv, message, synthetic_root, tmp_path, capsys):
+    if "--data" not in argv:  # the synthetic default: point it at the session's small world
+        argv = argv + ["--root", str(synthetic_root)]
+    assert train.main(argv + ["--out-dir", str(tmp_path), "--num-workers", "0", "--no-eval"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_resume_file_is_reported(synthetic_root, tmp_path, capsys):
+    (tmp_path / "broken.pt").write_text("not a checkpoint")
+    assert train.main(["--resume", str(tmp_path / "broken.pt")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_dataset_is_refused(synthetic_root, tmp_path, capsys):
+    assert train.main(small_run_args(synthetic_root, tmp_path, "--batch-size", "100000")) == 2
+    assert "lower --batch-size" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path, capsys):
+    # an absurd learning rate turns the weights to inf after the first update
+    argv = small_run_args(synthetic_root, tmp_path, "--epochs", "1", "--lr", "1e30", "--warmup-epochs", "0",
+                          "--ckpt-interval", "1")
+    assert train.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "non-finite at step" in error and "last good checkpoint" in error
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
