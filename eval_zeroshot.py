@@ -28,6 +28,8 @@ from tqdm import tqdm
 import benchmarks
 from cli import parse_config
 from maco import load_checkpoint
+from metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
+                     pointing_game, roc_auc, roc_curve, to_numpy)
 from text_encoder import encode_texts
 
 # Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
@@ -38,7 +40,6 @@ PROMPT_SETS = {
              ["the lung is clear.", "There is no {c}. ", "no {c}. ", "no evidence of {c}. ",
               "The lung parenchyma is homogeneous, and the lung markings are normal and symmetrical. "]),
 }
-IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def class_prompts(class_names: list[str], prompt_set: str = "default") -> dict[str, tuple[list[str], list[str]]]:
@@ -46,173 +47,6 @@ def class_prompts(class_names: list[str], prompt_set: str = "default") -> dict[s
     positives, negatives = PROMPT_SETS[prompt_set]
     return {name: ([p.format(c=name.lower()) for p in positives], [n.format(c=name.lower()) for n in negatives])
             for name in class_names}
-
-
-# ----------------------------------------------------------------------------- classification metrics
-
-def _nanmean(values) -> float:
-    """Mean over the non-NaN values; NaN (without a warning) if there are none."""
-    values = np.asarray(values, np.float64)
-    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
-
-
-def _known(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """float64 labels and scores without the items whose label is NaN (uncertain)."""
-    labels, scores = np.asarray(labels, np.float64), np.asarray(scores, np.float64)
-    return labels[~np.isnan(labels)], scores[~np.isnan(labels)]
-
-
-def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve = P(score of a positive > score of a negative), ties counting 1/2
-    (Mann-Whitney U / (n+ n-)), via average ranks in O(n log n). NaN labels are ignored; NaN if one class is absent."""
-    labels, scores = _known(labels, scores)
-    n_pos = int((labels == 1).sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores)  # tied scores share their average rank, so the order among them is irrelevant
-    sorted_scores = scores[order]
-    new_group = np.concatenate([[True], sorted_scores[1:] != sorted_scores[:-1]])
-    starts = np.flatnonzero(new_group)
-    ends = np.append(starts[1:], len(scores))
-    ranks = np.empty(len(scores))
-    ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(new_group) - 1]  # 1-based rank, averaged over ties
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates), from (0, 0) to (1, 1), one point per distinct score."""
-    labels, scores = _known(labels, scores)
-    order = np.argsort(-scores, kind="stable")
-    labels, scores = labels[order], scores[order]
-    last_of_group = np.append(scores[1:] != scores[:-1], True)
-    true_pos = np.cumsum(labels)[last_of_group]
-    false_pos = (np.flatnonzero(last_of_group) + 1) - true_pos
-    return (np.concatenate([[0.0], false_pos / max(false_pos[-1], 1)]),
-            np.concatenate([[0.0], true_pos / max(true_pos[-1], 1)]))
-
-
-def _f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    true_pos = np.sum(truth & predicted)
-    denominator = 2 * true_pos + np.sum(~truth & predicted) + np.sum(truth & ~predicted)
-    return float(2 * true_pos / denominator) if denominator else 0.0
-
-
-def _decisions(labels, scores, threshold) -> tuple[np.ndarray, np.ndarray]:
-    labels, scores = _known(labels, scores)
-    # p > 0.5 equals the released np.round(p) on [0, 1] (round half to even sends 0.5 to 0)
-    return labels == 1, scores > threshold
-
-
-def f1_positive(labels, scores, threshold: float = 0.5) -> float:
-    """F1 of the positive class at `threshold` (0 when undefined)."""
-    truth, predicted = _decisions(labels, scores, threshold)
-    return _f1(truth, predicted)
-
-
-def f1_support_weighted(labels, scores, threshold: float = 0.5) -> float:
-    """The released metric: mean of the class-1 and class-0 F1 weighted by their supports
-    (scikit-learn average='weighted'), not the positive-class F1."""
-    truth, predicted = _decisions(labels, scores, threshold)
-    if len(truth) == 0:
-        return float("nan")
-    n_pos = truth.sum()
-    return float((n_pos * _f1(truth, predicted) + (len(truth) - n_pos) * _f1(~truth, ~predicted)) / len(truth))
-
-
-def accuracy(labels, scores, threshold: float = 0.5) -> float:
-    truth, predicted = _decisions(labels, scores, threshold)
-    return float(np.mean(truth == predicted)) if len(truth) else float("nan")
-
-
-def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Unweighted mean over classes (columns) of the AUC, over the classes where it is defined."""
-    return _nanmean([roc_auc(labels[:, c], scores[:, c]) for c in range(labels.shape[1])])
-
-
-def bootstrap_macro_auc_ci(labels, scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the macro AUC, resampling images with replacement (seeded)."""
-    labels, scores = np.asarray(labels, np.float64), np.asarray(scores, np.float64)
-    rng = np.random.default_rng(seed)
-    values = np.array([macro_auc(labels[idx], scores[idx])
-                       for idx in (rng.integers(0, len(labels), len(labels)) for _ in range(n_boot))])
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return float(low), float(high)
-
-
-def classification_metrics(labels, scores, class_names: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Per-class AUC, F1 (positive-class and support-weighted), accuracy; macro means; bootstrap CI of the macro AUC."""
-    labels, scores = np.asarray(labels, np.float64), np.asarray(scores, np.float64)
-    per_class = {}
-    for c, name in enumerate(class_names):
-        y, p = labels[:, c], scores[:, c]
-        per_class[name] = dict(auc=roc_auc(y, p), f1=f1_positive(y, p), f1_support_weighted=f1_support_weighted(y, p),
-                               accuracy=accuracy(y, p), n_pos=int(np.sum(y == 1)), n_neg=int(np.sum(y == 0)))
-    macro = {key: _nanmean([m[key] for m in per_class.values()])
-             for key in ("f1", "f1_support_weighted", "accuracy")}
-    return dict(n_images=len(labels), macro_auc=macro_auc(labels, scores),
-                macro_auc_ci95=list(bootstrap_macro_auc_ci(labels, scores, n_boot, seed)),
-                **{f"macro_{key}": value for key, value in macro.items()}, per_class=per_class)
-
-
-# ----------------------------------------------------------------------------- grounding metrics
-
-def _numpy(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
-    """Gaussian filter over the last two dims (..., H, W), matching scipy.ndimage.gaussian_filter's defaults:
-    separable kernel of radius floor(4 sigma + 0.5), weights ∝ exp(-x²/2σ²) summing to 1, half-sample
-    reflection at the borders (d c b a | a b c d | d c b a), repeated for borders wider than the map."""
-    radius = int(4 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    for dim in (-1, -2):
-        n = maps.shape[dim]
-        index = torch.arange(-radius, n + radius, device=maps.device) % (2 * n)
-        index = torch.where(index >= n, 2 * n - 1 - index, index)  # reflected source index of each padded position
-        windows = maps.index_select(dim, index).unfold(dim, 2 * radius + 1, 1)  # (..., H, W, 2r+1)
-        maps = windows @ kernel
-    return maps
-
-
-def cnr(heatmap, box_mask) -> float:
-    """Contrast-to-noise ratio (μ_A − μ_Ā) / sqrt(σ²_A + σ²_Ā), signed, population variances, A = box region;
-    0 if the denominator is 0, NaN if A or its complement is empty."""
-    heat, inside = _numpy(heatmap).astype(np.float64), _numpy(box_mask).astype(bool)
-    if inside.all() or not inside.any():
-        return float("nan")
-    box, rest = heat[inside], heat[~inside]
-    denominator = np.sqrt(box.var() + rest.var())
-    return float((box.mean() - rest.mean()) / denominator) if denominator > 0 else 0.0
-
-
-def iou_at_thresholds(heatmap, box_mask, thresholds=IOU_THRESHOLDS) -> np.ndarray:
-    """IoU of {heatmap > t} with the box region for each t, (T,); NaN where either set is empty."""
-    heat, inside = _numpy(heatmap), _numpy(box_mask).astype(bool)
-    ious = []
-    for t in thresholds:
-        predicted = heat > t
-        union = np.sum(predicted | inside)
-        ious.append(np.sum(predicted & inside) / union if predicted.any() and inside.any() else float("nan"))
-    return np.array(ious, np.float64)
-
-
-def miou(heatmap, box_mask, thresholds=IOU_THRESHOLDS) -> float:
-    """Mean IoU over thresholds for one pair. Averaging this over pairs equals the released order (mean over
-    pairs per threshold, then over thresholds) whenever no IoU is NaN."""
-    return float(np.mean(iou_at_thresholds(heatmap, box_mask, thresholds)))
-
-
-def pointing_game(heatmap, box_mask) -> float:
-    """1 if any pixel attaining the map's maximum lies in the box region, else 0."""
-    heat, inside = _numpy(heatmap), _numpy(box_mask).astype(bool)
-    return float(inside[heat == heat.max()].any())
 
 
 # ----------------------------------------------------------------------------- model-dependent parts
@@ -326,14 +160,14 @@ def grounding_summary(pairs: list[dict]) -> dict:
     """Means over pairs (released `iou`/`cnr`) and over categories of per-category means (released `*_cat`)."""
     keys = ("cnr", "abs_cnr", "miou", "pointing_game")
     ious = np.array([pair["iou"] for pair in pairs])  # (pairs, thresholds)
-    overall = {key: _nanmean([pair[key] for pair in pairs]) for key in keys}
+    overall = {key: nanmean([pair[key] for pair in pairs]) for key in keys}
     overall["miou"] = float(np.mean(ious.mean(0)))  # mean over pairs per threshold, then over thresholds (§9)
     overall["iou_per_threshold"] = dict(zip(map(str, IOU_THRESHOLDS), ious.mean(0).tolist()))
     per_category = {}
     for category in sorted({pair["category"] for pair in pairs}):
         members = [pair for pair in pairs if pair["category"] == category]
-        per_category[category] = dict(n_pairs=len(members), **{key: _nanmean([p[key] for p in members]) for key in keys})
-    category_mean = {key: _nanmean([m[key] for m in per_category.values()]) for key in keys}
+        per_category[category] = dict(n_pairs=len(members), **{key: nanmean([p[key] for p in members]) for key in keys})
+    category_mean = {key: nanmean([m[key] for m in per_category.values()]) for key in keys}
     return dict(n_pairs=len(pairs), overall=overall, category_mean=category_mean, per_category=per_category)
 
 
@@ -416,10 +250,10 @@ def plot_overlay(image: torch.Tensor, mask, heatmap, path, title: str) -> None:
     figure = Figure(figsize=(7, 3.8))
     axes = figure.subplots(1, 2)
     for axis in axes:
-        axis.imshow(_numpy(image)[0], cmap="gray")
-        axis.contour(_numpy(mask).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+        axis.imshow(to_numpy(image)[0], cmap="gray")
+        axis.contour(to_numpy(mask).astype(float), levels=[0.5], colors="lime", linewidths=1.2)
         axis.axis("off")
-    shown = axes[1].imshow(_numpy(heatmap), cmap="jet", alpha=0.45, vmin=-1, vmax=1)
+    shown = axes[1].imshow(to_numpy(heatmap), cmap="jet", alpha=0.45, vmin=-1, vmax=1)
     figure.colorbar(shown, ax=list(axes), fraction=0.025)  # shrinks both panels alike
     figure.suptitle(title, fontsize=8)
     _save_figure(figure, path)

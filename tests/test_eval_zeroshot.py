@@ -11,6 +11,7 @@ import torch
 
 import benchmarks
 import eval_zeroshot as ez
+import metrics as mt
 from fixtures_eval import (SIIM_NEGATIVE, SIIM_POSITIVE, SIIM_RLE, SIIM_TWO_REGIONS, make_chexpert, make_ms_cxr,
                            make_nih, make_rsna, make_siim, make_synthetic_labels, rewrite_header)
 from maco import MaCo, MaCoConfig
@@ -39,17 +40,17 @@ def brute_force_auc(labels, scores):
 
 def test_auc_of_a_perfect_ranking_is_one_and_of_a_reversed_one_is_zero():
     labels, scores = np.array([0, 0, 1, 1, 1]), np.array([0.1, 0.2, 0.3, 0.8, 0.9])
-    assert ez.roc_auc(labels, scores) == 1.0
-    assert ez.roc_auc(labels, -scores) == 0.0
+    assert mt.roc_auc(labels, scores) == 1.0
+    assert mt.roc_auc(labels, -scores) == 0.0
 
 
 def test_auc_of_a_constant_predictor_is_one_half():
-    assert ez.roc_auc([0, 1, 1, 0, 1, 0, 0], np.full(7, 0.3)) == 0.5
+    assert mt.roc_auc([0, 1, 1, 0, 1, 0, 0], np.full(7, 0.3)) == 0.5
 
 
 def test_auc_counts_tied_pairs_as_one_half_hand_computed():
     # positives 0.8, 0.3, 0.5 vs negatives 0.8, 0.1: pair wins 0.5 + 1 + 0 + 1 + 0 + 1 = 3.5 of 6
-    assert ez.roc_auc([1, 0, 1, 0, 1], [0.8, 0.8, 0.3, 0.1, 0.5]) == pytest.approx(3.5 / 6, abs=1e-15)
+    assert mt.roc_auc([1, 0, 1, 0, 1], [0.8, 0.8, 0.3, 0.1, 0.5]) == pytest.approx(3.5 / 6, abs=1e-15)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -57,49 +58,49 @@ def test_auc_equals_brute_force_mann_whitney_on_random_data_with_ties(seed):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, 150)
     scores = np.round(rng.normal(labels * 0.7, 1.0), 1)  # rounding makes many ties
-    assert ez.roc_auc(labels, scores) == pytest.approx(brute_force_auc(labels, scores), abs=1e-12)
+    assert mt.roc_auc(labels, scores) == pytest.approx(brute_force_auc(labels, scores), abs=1e-12)
 
 
 def test_auc_ignores_nan_labels_and_is_nan_when_one_class_is_absent():
-    assert ez.roc_auc([1, np.nan, 0, np.nan], [0.9, 0.0, 0.1, 1.0]) == 1.0
-    assert math.isnan(ez.roc_auc([1, 1, 1], [0.2, 0.4, 0.6]))
+    assert mt.roc_auc([1, np.nan, 0, np.nan], [0.9, 0.0, 0.1, 1.0]) == 1.0
+    assert math.isnan(mt.roc_auc([1, 1, 1], [0.2, 0.4, 0.6]))
 
 
 def test_trapezoid_area_under_roc_curve_equals_auc_with_ties():
     rng = np.random.default_rng(7)
     labels, scores = rng.integers(0, 2, 80), np.round(rng.random(80), 1)
-    fpr, tpr = ez.roc_curve(labels, scores)
+    fpr, tpr = mt.roc_curve(labels, scores)
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
-    assert np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2) == pytest.approx(ez.roc_auc(labels, scores), abs=1e-12)
+    assert np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2) == pytest.approx(mt.roc_auc(labels, scores), abs=1e-12)
 
 
 def test_f1_and_accuracy_at_one_half_hand_computed():
     labels, scores = [1, 1, 0, 0, 1], [0.9, 0.4, 0.6, 0.2, 0.7]  # predicted 1 0 1 0 1
-    assert ez.f1_positive(labels, scores) == pytest.approx(2 / 3)  # TP 2, FP 1, FN 1
+    assert mt.f1_positive(labels, scores) == pytest.approx(2 / 3)  # TP 2, FP 1, FN 1
     # class-0 F1: TP 1, FP 1, FN 1 -> 1/2; weighted by supports 3 and 2: (3 * 2/3 + 2 * 1/2) / 5
-    assert ez.f1_support_weighted(labels, scores) == pytest.approx(0.6)
-    assert ez.accuracy(labels, scores) == pytest.approx(0.6)
+    assert mt.f1_support_weighted(labels, scores) == pytest.approx(0.6)
+    assert mt.accuracy(labels, scores) == pytest.approx(0.6)
 
 
 def test_a_score_of_exactly_one_half_is_predicted_negative_like_the_released_round():
-    assert ez.accuracy([0, 1], [0.5, 0.5]) == 0.5
-    assert ez.f1_positive([1], [0.5]) == 0.0
+    assert mt.accuracy([0, 1], [0.5, 0.5]) == 0.5
+    assert mt.f1_positive([1], [0.5]) == 0.0
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_macro_auc():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, (200, 3)).astype(float)
     scores = labels * 0.5 + rng.random((200, 3))
-    first = ez.bootstrap_macro_auc_ci(labels, scores, n_boot=200, seed=3)
-    assert first == ez.bootstrap_macro_auc_ci(labels, scores, n_boot=200, seed=3)
-    assert first[0] < ez.macro_auc(labels, scores) < first[1]
-    assert ez.bootstrap_macro_auc_ci(labels, labels, n_boot=50) == (1.0, 1.0)
+    first = mt.bootstrap_macro_auc_ci(labels, scores, n_boot=200, seed=3)
+    assert first == mt.bootstrap_macro_auc_ci(labels, scores, n_boot=200, seed=3)
+    assert first[0] < mt.macro_auc(labels, scores) < first[1]
+    assert mt.bootstrap_macro_auc_ci(labels, labels, n_boot=50) == (1.0, 1.0)
 
 
 def test_classification_metrics_report_per_class_and_macro_values():
     labels = np.array([[1, 0], [0, 1], [1, np.nan], [0, 0]])
     scores = np.array([[0.9, 0.2], [0.1, 0.7], [0.8, 0.9], [0.3, 0.6]])
-    metrics = ez.classification_metrics(labels, scores, ["a", "b"], n_boot=20)
+    metrics = mt.classification_metrics(labels, scores, ["a", "b"], n_boot=20)
     assert metrics["per_class"]["a"]["auc"] == 1.0 and metrics["per_class"]["b"]["auc"] == 1.0
     assert metrics["per_class"]["b"]["n_pos"] == 1 and metrics["per_class"]["b"]["n_neg"] == 2
     assert metrics["macro_auc"] == 1.0
@@ -123,7 +124,7 @@ def direct_gaussian_2d(grid: np.ndarray, sigma: float) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(14, 14), (8, 8), (4, 5)])
 def test_gaussian_smoothing_equals_direct_2d_convolution_with_reflect_padding(shape):
     grid = np.random.default_rng(0).normal(size=shape)
-    smoothed = ez.gaussian_smooth(torch.from_numpy(grid), sigma=1.5).numpy()
+    smoothed = mt.gaussian_smooth(torch.from_numpy(grid), sigma=1.5).numpy()
     assert np.allclose(smoothed, direct_gaussian_2d(grid, 1.5), atol=1e-12)
 
 
@@ -132,14 +133,14 @@ def test_gaussian_smoothing_matches_pinned_scipy_gaussian_filter_values():
     expected = [[3.607111248553, 4.033825685217, 4.636485105777, 5.063199542441],
                 [4.771955853056, 5.19867028972, 5.80132971028, 6.228044146944],
                 [5.936800457559, 6.363514894223, 6.966174314783, 7.392888751447]]
-    smoothed = ez.gaussian_smooth(torch.arange(12, dtype=torch.float64).view(3, 4))
+    smoothed = mt.gaussian_smooth(torch.arange(12, dtype=torch.float64).view(3, 4))
     assert np.allclose(smoothed.numpy(), expected, atol=1e-11)
 
 
 def test_gaussian_smoothing_of_a_batch_smooths_each_map_alone():
     maps = torch.randn(3, 6, 6, dtype=torch.float64)
-    batched = ez.gaussian_smooth(maps)
-    assert all(torch.allclose(batched[i], ez.gaussian_smooth(maps[i])) for i in range(3))
+    batched = mt.gaussian_smooth(maps)
+    assert all(torch.allclose(batched[i], mt.gaussian_smooth(maps[i])) for i in range(3))
 
 
 # ----------------------------------------------------------------------------- CNR, IoU, pointing game
@@ -151,30 +152,30 @@ BOX[:2, :2] = True  # A = the top-left 2x2
 def test_cnr_hand_computed_is_signed():
     heat = np.array([[1, 1, 0, 0], [0, 0, 0, 0], [-1, -1, -1, -1], [-1, -1, 0, 0]], float)
     # A: 1 1 0 0 -> mean 1/2, var 1/4; rest: six 0 and six -1 -> mean -1/2, var 1/4; (1/2 + 1/2) / sqrt(1/2)
-    assert ez.cnr(heat, BOX) == pytest.approx(math.sqrt(2))
-    assert ez.cnr(-heat, BOX) == pytest.approx(-math.sqrt(2))
+    assert mt.cnr(heat, BOX) == pytest.approx(math.sqrt(2))
+    assert mt.cnr(-heat, BOX) == pytest.approx(-math.sqrt(2))
 
 
 def test_cnr_is_zero_when_both_regions_are_flat_and_nan_without_a_box():
     heat = np.where(BOX, 1.0, -1.0)
-    assert ez.cnr(heat, BOX) == 0.0
-    assert math.isnan(ez.cnr(heat, np.zeros((4, 4), bool)))
+    assert mt.cnr(heat, BOX) == 0.0
+    assert math.isnan(mt.cnr(heat, np.zeros((4, 4), bool)))
 
 
 def test_iou_per_threshold_and_miou_hand_computed():
     heat = np.full((4, 4), -1.0)
     heat[0, 0], heat[0, 1], heat[1, 0], heat[3, 3] = 1.0, 0.3, 0.15, 0.45  # one box pixel stays at -1
     # t=0.1: {1, .3, .15, .45} -> 3/5; 0.2: 2/5; 0.3 (strict >): {1, .45} -> 1/5; 0.4: 1/5; 0.5: {1} -> 1/4
-    assert np.allclose(ez.iou_at_thresholds(heat, BOX), [0.6, 0.4, 0.2, 0.2, 0.25])
-    assert ez.miou(heat, BOX) == pytest.approx(0.33)
+    assert np.allclose(mt.iou_at_thresholds(heat, BOX), [0.6, 0.4, 0.2, 0.2, 0.25])
+    assert mt.miou(heat, BOX) == pytest.approx(0.33)
 
 
 def test_pointing_game_hits_when_any_maximum_lies_in_the_box():
     heat = np.zeros((4, 4))
     heat[3, 3] = 1.0
-    assert ez.pointing_game(heat, BOX) == 0.0
+    assert mt.pointing_game(heat, BOX) == 0.0
     heat[1, 1] = 1.0  # a tie, one inside
-    assert ez.pointing_game(heat, BOX) == 1.0
+    assert mt.pointing_game(heat, BOX) == 1.0
 
 
 def test_grounding_summary_means_over_pairs_and_over_categories():
