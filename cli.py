@@ -27,7 +27,8 @@ def build_parser(cls, description: str = "", extra_positional: list[str] | None 
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=spec.default, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=spec.default, help=f"{text} (default: %(default)s)")
+            shown = "" if spec.default is None else " (default: %(default)s)"  # None: the help says what decides
+            parser.add_argument(flag, type=kind, default=spec.default, help=text + shown)
     return parser
 
 

@@ -199,17 +199,26 @@ class MaCo(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
+def read_checkpoint(path, what: str = "checkpoint", required=()) -> dict:
+    """torch.load with weights_only=True (tensors, numbers, strings: no pickled code), and errors that name the
+    file and what was expected. `what` names the flag or role of the file in messages."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}: no such file") from None
+    except Exception as error:
+        raise ValueError(f"{what} {path}: not a readable PyTorch checkpoint ({error})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{what} {path}: expected a dict, got {type(checkpoint).__name__}")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{what} {path}: not a checkpoint written by train.py (it lacks {missing})")
+    return checkpoint
+
+
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint written by train.py: returns (model in eval mode, tokenizer, the checkpoint dict)."""
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py`") from None
-    except Exception as error:
-        raise ValueError(f"could not read checkpoint {path}: {error}") from None
-    missing = [key for key in ("model", "model_config", "tokenizer") if key not in checkpoint]
-    if missing:
-        raise ValueError(f"{path} is not a MaCo checkpoint written by train.py: it lacks {missing}")
+    checkpoint = read_checkpoint(path, "checkpoint", required=("model", "model_config", "tokenizer"))
     unknown = set(checkpoint["model_config"]) - {f.name for f in fields(MaCoConfig)}
     if unknown:
         raise ValueError(f"{path} has model settings this code does not know: {sorted(unknown)}")
@@ -226,15 +235,10 @@ def load_mae_encoder(model: MaCo, path) -> str:
 
     Returns a report of the keys loaded, missing and ignored. A shape mismatch is an error, never a silent skip.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--init {path}: no such file") from None
-    except Exception as error:
-        raise ValueError(f"--init {path}: not a readable PyTorch checkpoint ({error})") from None
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    checkpoint = read_checkpoint(path, "--init")
+    state = checkpoint.get("model", checkpoint)  # MAE nests the state dict under "model"
     if not isinstance(state, dict):
-        raise ValueError(f"--init {path}: expected a state dict (under the key 'model'), got {type(checkpoint).__name__}")
+        raise ValueError(f"--init {path}: expected a state dict under the key 'model', got {type(state).__name__}")
     own = model.image_encoder.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and v.shape != own[k].shape]

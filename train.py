@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cli import parse_config
 from data import Collate, MimicCXR, OpenI
-from maco import MaCo, MaCoConfig, load_mae_encoder
+from maco import MaCo, MaCoConfig, load_mae_encoder, read_checkpoint
 from text_encoder import load_tokenizer, train_tokenizer
 
 RECIPES = {
@@ -38,6 +38,7 @@ RECIPES = {
     "mimic": dict(root="", preset="base", epochs=51, batch_size=512, lr=2.5e-4, warmup_epochs=2),
     "openi": dict(root="", preset="base", epochs=51, batch_size=512, lr=2.5e-4, warmup_epochs=2),
 }
+RESUME_KEYS = ("model", "model_config", "train_config", "tokenizer", "optimizer", "step")
 # settings a resumed run takes from the command line; everything else comes from the checkpoint
 SESSION_FIELDS = ("resume", "device", "num_workers", "stop_after_steps", "compile", "eval")
 
@@ -133,19 +134,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_resume(path: str) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--resume {path}: no such checkpoint") from None
-    except Exception as error:
-        raise ValueError(f"--resume {path}: not a readable checkpoint ({error})") from None
-    missing = {"model", "model_config", "train_config", "tokenizer", "optimizer", "step"} - set(checkpoint)
-    if missing:
-        raise ValueError(f"--resume {path}: not a training checkpoint of train.py (lacks {sorted(missing)})")
-    return checkpoint
-
-
 def trim_log(path: Path, last_step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be computed again)."""
     if path.exists():
@@ -186,7 +174,7 @@ def setup_distributed(device_name: str):
 
 
 def train(cfg: TrainConfig) -> dict:
-    checkpoint = load_resume(cfg.resume) if cfg.resume else None
+    checkpoint = read_checkpoint(cfg.resume, "--resume", RESUME_KEYS) if cfg.resume else None
     if checkpoint is not None:  # the run's own settings, with this session's ones from the command line
         session = {k: getattr(cfg, k) for k in SESSION_FIELDS}
         cfg = dataclasses.replace(TrainConfig(**checkpoint["train_config"]), **session)
@@ -277,6 +265,9 @@ def train(cfg: TrainConfig) -> dict:
             if batch is None:  # every image of the batch was unreadable
                 continue
             skipped += batch["skipped"]
+            if batch["skipped"] and world > 1:  # all_gather needs equal batches on every process
+                raise TrainingError(f"{batch['skipped']} unreadable image(s) in a {world}-process run; find them with "
+                                    f"`python data.py cache` (it records unreadable images) and remove them")
             images = batch["images"].to(device, non_blocking=True)
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             attention_mask = batch["attention_mask"].to(device, non_blocking=True)

@@ -66,7 +66,7 @@ def test_mae_init_reports_loaded_and_missing_keys_and_rejects_shape_mismatches(t
     (["--data", "mimic"], "needs --root"),
     (["--data", "mimic", "--root", "no/such/folder"], "no/such/folder"),
     (["--init", "no/such/mae.pth"], "no such file"),
-    (["--resume", "no/such/checkpoint.pt"], "no such checkpoint"),
+    (["--resume", "no/such/checkpoint.pt"], "no such file"),
 ])
 def test_bad_arguments_give_a_clear_message_and_exit_code_2(argv, message, synthetic_root, tmp_path, capsys):
     if "--data" not in argv:  # the synthetic default: point it at the session's small world
@@ -78,7 +78,7 @@ def test_bad_arguments_give_a_clear_message_and_exit_code_2(argv, message, synth
 def test_unreadable_resume_file_is_reported(synthetic_root, tmp_path, capsys):
     (tmp_path / "broken.pt").write_text("not a checkpoint")
     assert train.main(["--resume", str(tmp_path / "broken.pt")]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_batch_larger_than_the_dataset_is_refused(synthetic_root, tmp_path, capsys):
