@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import synthetic
-from synthetic import Finding, Study, generate, label_report, render_image, sample_study
+from phantom import render_image
+from synthetic import Finding, Study, generate, label_report, sample_study
 
 SIZE = 64
 # Written out here from the spec rather than imported, so that a drifting constant fails the test.
