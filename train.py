@@ -144,19 +144,17 @@ def trim_log(path: Path, last_step: int) -> None:
 
 
 def plot_losses(log_path: Path, out_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The loss curves as a PNG. A bare Figure, not pyplot: the caller's (a notebook's) backend stays as it was."""
+    from matplotlib.figure import Figure
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for axis, key in zip(axes, ["loss", "loss_rec", "loss_con"]):
+    figure = Figure(figsize=(13, 3.5))
+    for axis, key in zip(figure.subplots(1, 3), ["loss", "loss_rec", "loss_con"]):
         axis.plot([r["step"] for r in rows], [r[key] for r in rows])
         axis.set_title(key)
         axis.set_xlabel("optimizer step")
     figure.tight_layout()
     tmp = out_path.with_name(out_path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=100)
-    plt.close(figure)
     os.replace(tmp, out_path)
 
 
