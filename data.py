@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -410,10 +411,18 @@ def _load_chunk(rows: list[int], paths: list[str], size: int, resize: str) -> li
     return chunk
 
 
-def _write_atomic(path: Path, text: str):
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def write_atomic(path, write) -> None:
+    """write(temporary path) beside `path`, then os.replace: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 
 def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0) -> Path:
@@ -436,10 +445,10 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
         done = json.loads((out / "progress.json").read_text())["done"] if (out / "progress.json").exists() else 0
     else:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "ids.txt", "\n".join(ids))
+        write_atomic(out / "ids.txt", lambda temp: Path(temp).write_text("\n".join(ids)))
         np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8, shape=(len(ids), size, size)).flush()
         np.save(out / "status.npy", np.full(len(ids), PENDING, dtype=np.uint8))
-        _write_atomic(out / "meta.json", json.dumps(meta))
+        write_atomic(out / "meta.json", lambda temp: Path(temp).write_text(json.dumps(meta)))
         done = 0
     images = np.load(out / "images.npy", mmap_mode="r+")
     status = np.load(out / "status.npy", mmap_mode="r+")
@@ -455,7 +464,7 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
             images.flush()
             status.flush()
             done = chunk[-1][0] + 1
-            _write_atomic(out / "progress.json", json.dumps({"done": done}))
+            write_atomic(out / "progress.json", lambda temp: Path(temp).write_text(json.dumps({"done": done})))
             progress.update(len(chunk))
     bad = int((status == UNREADABLE).sum())
     print(f"cache {out}: {len(ids) - bad} images cached, {bad} unreadable (skipped when training)")

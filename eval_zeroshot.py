@@ -13,9 +13,7 @@ Evaluation-set loaders live in benchmarks.py.
 """
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import benchmarks
+from data import write_atomic
 from cli import parse_config
 from maco import load_checkpoint
 from metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
@@ -201,20 +200,6 @@ def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers:
 
 # ----------------------------------------------------------------------------- outputs
 
-def _write_atomic(path, write) -> None:
-    """write(temporary path) beside `path`, then os.replace: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-
-
 def _jsonable(value):
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -226,11 +211,11 @@ def _jsonable(value):
 
 
 def write_json(data: dict, path) -> None:
-    _write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(_jsonable(data), indent=2)))
+    write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(_jsonable(data), indent=2)))
 
 
 def _save_figure(figure: Figure, path) -> None:
-    _write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
+    write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_roc(labels, scores, class_names: list[str], path, macro: float) -> None:

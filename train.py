@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cli import parse_config
-from data import Collate, MimicCXR, OpenI
+from data import Collate, MimicCXR, OpenI, write_atomic
 from maco import MaCo, MaCoConfig, load_mae_encoder, read_checkpoint
 from text_encoder import load_tokenizer, train_tokenizer
 
@@ -129,18 +129,14 @@ def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write, then rename: a kill mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda temp: torch.save(state, temp))
 
 
 def trim_log(path: Path, last_step: int) -> None:
     """On resume, drop log lines written after the checkpoint (they will be computed again)."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
+        write_atomic(path, lambda temp: Path(temp).write_text("".join(line + "\n" for line in lines)))
 
 
 def plot_losses(log_path: Path, out_path: Path) -> None:
@@ -153,9 +149,7 @@ def plot_losses(log_path: Path, out_path: Path) -> None:
         axis.set_title(key)
         axis.set_xlabel("optimizer step")
     figure.tight_layout()
-    tmp = out_path.with_name(out_path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    os.replace(tmp, out_path)
+    write_atomic(out_path, lambda temp: figure.savefig(temp, format="png", dpi=100))
 
 
 def setup_distributed(device_name: str):
