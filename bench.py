@@ -1,7 +1,7 @@
 """Measure, don't guess: the speed of one MaCo training step, and separately of the data loader.
 
     python bench.py --preset tiny --batch-size 32
-    python bench.py --preset base --batch-size 2          # the released code takes ~6 s/step here (2-core CPU)
+    python bench.py --preset base --batch-size 2
     python bench.py --loader --root data/synthetic        # images/s of the training DataLoader
 
 The step (forward, backward, AdamW) runs on random tensors of the preset's shapes, reports padded to
@@ -9,7 +9,6 @@ The step (forward, backward, AdamW) runs on random tensors of the preset's shape
 on a GPU whose peak is known the model FLOPs utilisation (MFU) is printed too.
 """
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cli import parse_config
+from devices import autocast, pick_device, uses_bf16
 from maco import MaCo, MaCoConfig
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
@@ -44,15 +44,13 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> dict:
     model = MaCo(model_cfg).to(device)
     optimizer = model.configure_optimizer(lr=1e-4, weight_decay=0.05, device_type=device.type)
     step_model = torch.compile(model) if cfg.compile else model
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     B, S = cfg.batch_size, model_cfg.input_size
     images = torch.randn(B, model_cfg.in_chans, S, S, device=device)
     input_ids = torch.randint(4, model_cfg.vocab_size, (B, cfg.text_len), device=device)
     attention_mask = torch.ones_like(input_ids)
 
     def step():
-        with autocast():
+        with autocast(device):
             loss = step_model(images, input_ids, attention_mask)["loss"]
         loss.backward()
         optimizer.step()
@@ -77,7 +75,7 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> dict:
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-        if peak and use_bf16:
+        if peak and uses_bf16(device):
             result["mfu"] = flops / seconds / peak
     else:
         import resource
@@ -88,7 +86,7 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> dict:
 def bench_loader(cfg: BenchConfig) -> dict:
     from torch.utils.data import DataLoader
     from data import Collate, MimicCXR
-    from text_encoder import train_tokenizer
+    from tokenizer import train_tokenizer
     model_cfg = MaCoConfig.preset(cfg.preset)
     dataset = MimicCXR(cfg.root, split="train", image_size=model_cfg.input_size, in_chans=model_cfg.in_chans,
                        augment=True, cache=cfg.cache or None, seed=0)
@@ -105,8 +103,8 @@ def bench_loader(cfg: BenchConfig) -> dict:
 
 def main(argv=None) -> int:
     cfg = parse_config(BenchConfig, argv, __doc__)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     try:
+        device = pick_device(cfg.device)
         result = bench_loader(cfg) if cfg.loader else bench_step(cfg, device)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

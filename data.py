@@ -1,7 +1,7 @@
 """Image-report data for MaCo: MIMIC-CXR-JPG, Open-i, report captions, image preprocessing and an image cache.
 
-Spec: maco-method.md §5 (report captions, D6), §7.2 (augmentation and normalisation, D8), §4 (padding);
-data-formats.md §1 (MIMIC-CXR-JPG layout, CSVs, report .txt, mimic_cxr_sectioned.csv) and §7 (Open-i XML).
+docs/method.md §5 (report captions, D6), §7.2 (augmentation and normalisation, D8), §4 (padding);
+docs/datasets.md §1 (MIMIC-CXR-JPG layout, CSVs, report .txt, mimic_cxr_sectioned.csv) and §7 (Open-i XML).
 The synthetic world of synthetic.py is written in the MIMIC-CXR-JPG layout, so MimicCXR reads it too (D13).
 
 Image cache: `python data.py cache --data mimic --root data/synthetic --size 448` resizes every selected image
@@ -15,7 +15,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from checkpoint import write_atomic
 from cli import build_parser
-from text_encoder import encode_texts
+from tokenizer import encode_texts
 
 IMAGE_MEAN = 0.4978  # D8: pixel statistics of the released pre-training, images scaled to [0, 1]
 IMAGE_STD = 0.2449
@@ -38,6 +38,8 @@ REPORT_SECTIONS = ("findings", "impression", "last_paragraph")
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
 SPLIT_COLUMNS = ("dicom_id", "split")
 SECTIONED_COLUMNS = ("study", "impression", "findings", "last_paragraph", "comparison")
+# MS-CXR's CSV (docs/datasets.md §6.2), which the synthetic world also writes for its test split
+MS_CXR_HEADER = ("dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height")
 # Report sections that give context, not findings: never used as the fallback caption of a report.
 CONTEXT_SECTIONS = {"examination", "indication", "history", "clinical history", "technique", "comparison"}
 
@@ -49,7 +51,7 @@ def resize_to_square(image: Image.Image, size: int, resize: str = "letterbox") -
     """8-bit greyscale square of side `size`: uint8 (size, size). Bicubic resampling (antialiased by PIL).
 
     letterbox (default): long side -> `size`, short side zero-padded symmetrically, as the released grounding
-    images and MS-CXR box arithmetic assume (maco-method §9); nothing is cut off, so apices and costophrenic
+    images and MS-CXR box arithmetic assume (docs/method.md §9); nothing is cut off, so apices and costophrenic
     angles (effusion, pneumothorax) stay in view. crop: short side -> `size`, then a centre crop, as the
     released zero-shot script (§8). A JPEG fresh from Image.open is decoded at a reduced scale no smaller
     than needed (libjpeg DCT scaling): several times faster on full-size MIMIC images.
@@ -107,17 +109,22 @@ def augment_image(pixels: np.ndarray, generator: torch.Generator | None = None) 
 # ----------------------------------------------------------------------------------------------------------
 # Report text (D6)
 
-_SENTENCE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)")  # every "." except one with a digit on both sides ("1.5")
+SENTENCE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)")  # every "." except one with a digit on both sides ("1.5")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The pieces of `text` between sentence breaks (SENTENCE_BREAK), as they are: untrimmed, empty ones kept."""
+    return SENTENCE_BREAK.split(text)
 
 
 def report_sentences(report: str) -> list[str]:
     """The valid sentences of a report (§5 steps 1-2): split at '.', strip, drop empty and 'none' pieces."""
-    pieces = (" ".join(piece.split()) for piece in _SENTENCE_BREAK.split(report))
+    pieces = (" ".join(piece.split()) for piece in split_sentences(report))
     return [piece for piece in pieces if piece and piece.lower() != "none"]
 
 
 def report_to_caption(report: str, generator: torch.Generator | None = None, deterministic: bool = False) -> str:
-    """Caption of a report (D6, maco-method §5): a shuffled random non-empty subset of its sentences.
+    """Caption of a report (D6, docs/method.md §5): a shuffled random non-empty subset of its sentences.
 
     k is uniform in 1..n over the n valid sentences; the caption joins `sentence.lower() + ". "`. With
     deterministic=True (evaluation) it is all sentences in report order. No valid sentence -> "".
@@ -167,19 +174,28 @@ def compose_report(sections: dict[str, str], wanted=("findings", "impression")) 
 # ----------------------------------------------------------------------------------------------------------
 # Datasets
 
-def _read_csv(path: Path, required: tuple[str, ...]):
-    """Stream the rows of a .csv or .csv.gz as dicts; a clear error if the header lacks a required column."""
+def read_csv(path, required=(), expected: str = ""):
+    """Stream the rows of a .csv or .csv.gz as dicts keyed by the stripped header names. Rows whose cells are all
+    empty are skipped; a byte-order mark is ignored. A missing file, a header without a `required` column or an
+    unreadable file is a clear error naming the file and the expected header (`expected`, else `required`)."""
+    path = Path(path)
+    expected = expected or ",".join(required)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (expected a CSV with header: {expected})")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", newline="") as file:
-            reader = csv.DictReader(file)
-            missing = [name for name in required if name not in (reader.fieldnames or [])]
+        with opener(path, "rt", newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file)
+            header = [name.strip() for name in next(reader, [])]
+            missing = [name for name in required if name not in header]
             if missing:
-                raise ValueError(f"{path}: header {reader.fieldnames} lacks {missing}; expected columns "
-                                 f"{','.join(required)} (see data-formats.md)")
-            yield from reader
+                raise ValueError(f"{path}: header {','.join(header) or '(empty file)'!r} lacks {missing}. "
+                                 f"Expected header: {expected} (docs/datasets.md)")
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    yield dict(zip(header, row + [""] * (len(header) - len(row))))  # short rows: blanks
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:  # e.g. a truncated gzip
-        raise ValueError(f"{path}: cannot be read as a CSV with columns {','.join(required)}: {error}") from None
+        raise ValueError(f"{path}: cannot be read as a CSV with columns {expected}: {error}") from None
 
 
 def _find_file(root: Path, name: str) -> Path:
@@ -189,11 +205,12 @@ def _find_file(root: Path, name: str) -> Path:
     raise FileNotFoundError(f"{root / name}(.gz) not found; expected the official MIMIC-CXR-JPG file there")
 
 
-def _check_root(root, what: str) -> Path:
+def check_root(root, what: str) -> Path:
+    """The dataset folder `root` as a Path, or a clear error if it is not a folder."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{what} root {root} is not a folder; expected {what} in the layout of "
-                                f"data-formats.md (or run `python synthetic.py --out {root}`)")
+                                f"docs/datasets.md (for the synthetic world: `python synthetic.py --out {root}`)")
     return root
 
 
@@ -212,6 +229,23 @@ class ImageReportDataset(Dataset):
         self.cache_dir, self.cache_rows, self._cache_arrays = None, None, None  # arrays: opened lazily per process
         if cache is not None:
             self._index_cache(Path(cache))
+        self._check_images_exist()
+
+    def _check_images_exist(self):
+        """Count the image files that are missing (and not cached): they are skipped when read. If no image is
+        there at all, stop now with a clear error instead of training on nothing."""
+        cached = set()
+        if self.cache_rows is not None:
+            status = np.load(self.cache_dir / "status.npy")
+            cached = {i for i, row in enumerate(self.cache_rows) if row >= 0 and status[row] == CACHED}
+        self.missing_images = sum(1 for i, (_, path, _) in enumerate(self.items)
+                                  if i not in cached and not os.path.exists(path))
+        if self.items and self.missing_images == len(self.items):
+            example = self.items[0][1]
+            raise FileNotFoundError(f"none of the {len(self.items)} images of this selection exists (e.g. {example}); "
+                                    f"check --root and the image folders (docs/datasets.md)")
+        if self.missing_images:
+            print(f"{self.missing_images} of {len(self.items)} image files are missing: they will be skipped")
 
     def __len__(self):
         return len(self.items)
@@ -286,14 +320,14 @@ def _mimic_reports(root: Path, studies, report_source, sections) -> tuple[dict[s
             raise FileNotFoundError(f"report_source {source} does not exist; expected 'txt' or the path of "
                                     f"mimic_cxr_sectioned.csv (MIT-LCP create_section_files.py)")
         wanted = {study for _, study in studies}
-        for row in _read_csv(source, SECTIONED_COLUMNS):
+        for row in read_csv(source, SECTIONED_COLUMNS):
             if row["study"][1:] in wanted:  # "s59999991" -> "59999991"
                 reports[row["study"][1:]] = compose_report(row, sections)
     return reports, len(studies) - len(reports)
 
 
 class MimicCXR(ImageReportDataset):
-    """MIMIC-CXR-JPG v2 (data-formats §1): one item per image of the chosen split and views.
+    """MIMIC-CXR-JPG v2 (docs/datasets.md §1): one item per image of the chosen split and views.
 
     root holds mimic-cxr-2.0.0-{metadata,split}.csv(.gz) and files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg.
     report_source: "txt" reads files/pXX/pXXXXXXXX/sXXXXXXXX.txt (unzip mimic-cxr-reports.zip into root), or
@@ -305,15 +339,15 @@ class MimicCXR(ImageReportDataset):
     def __init__(self, root, split: str | None = "train", image_size: int = 224, in_chans: int = 3,
                  report_source: str = "txt", sections=("findings", "impression"), views=FRONTAL_VIEWS,
                  augment: bool | None = None, cache=None, seed: int | None = None, resize: str = "letterbox"):
-        root = _check_root(root, "MIMIC-CXR-JPG")
+        root = check_root(root, "MIMIC-CXR-JPG")
         if split not in ("train", "validate", "test", None):
             raise ValueError(f"split must be 'train', 'validate', 'test' or None, got {split!r}")
         if unknown := set(sections) - set(REPORT_SECTIONS):
             raise ValueError(f"unknown report sections {sorted(unknown)}; choose from {REPORT_SECTIONS}")
         split_of = {row["dicom_id"]: row["split"]
-                    for row in _read_csv(_find_file(root, "mimic-cxr-2.0.0-split.csv"), SPLIT_COLUMNS)}
+                    for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-split.csv"), SPLIT_COLUMNS)}
         images = [(row["dicom_id"], row["subject_id"], row["study_id"])
-                  for row in _read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)
+                  for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)
                   if row["ViewPosition"] in views and split in (None, split_of.get(row["dicom_id"], "unlisted"))]
         studies = dict.fromkeys((subject, study) for _, subject, study in images)
         reports, no_report = _mimic_reports(root, studies, report_source, sections)
@@ -329,7 +363,7 @@ class MimicCXR(ImageReportDataset):
 
 
 class OpenI(ImageReportDataset):
-    """Indiana University chest X-rays (NLMCXR, data-formats §7): one item per <parentImage> of a report.
+    """Indiana University chest X-rays (NLMCXR, docs/datasets.md §7): one item per <parentImage> of a report.
 
     root holds ecgen-radiology/<n>.xml (NLMCXR_reports.tgz) and the PNGs named <parentImage id>.png
     (NLMCXR_png.tgz unpacks them flat; images_dir, relative to root). The XML has no view: pass views_csv,
@@ -340,13 +374,13 @@ class OpenI(ImageReportDataset):
     def __init__(self, root, image_size: int = 224, in_chans: int = 3, sections=("findings", "impression"),
                  views_csv=None, images_dir: str = ".", augment: bool = False, cache=None, seed: int | None = None,
                  resize: str = "letterbox"):
-        root = _check_root(root, "Open-i")
+        root = check_root(root, "Open-i")
         xml_files = sorted((root / "ecgen-radiology").glob("*.xml"))
         if not xml_files:
             raise FileNotFoundError(f"no report XML in {root / 'ecgen-radiology'}; unpack NLMCXR_reports.tgz there")
         frontal = None
         if views_csv is not None:
-            frontal = {row["imageid"] for row in _read_csv(Path(views_csv), ("imageid", "tsne-view"))
+            frontal = {row["imageid"] for row in read_csv(Path(views_csv), ("imageid", "tsne-view"))
                        if row["tsne-view"] == "PA"}
         items, reports, empty, unreadable = [], {}, 0, 0
         for xml_file in xml_files:
@@ -376,7 +410,8 @@ class Collate:
     """Batches items: drops None (unreadable images), stacks images, tokenizes captions with dynamic padding (§4).
 
     Returns dict(images (B, C, S, S), input_ids (B, T), attention_mask (B, T), captions, skipped = items
-    dropped), or None if all were dropped (the training loop skips it). A class, so workers can pickle it."""
+    dropped); if every item was dropped, images, input_ids and attention_mask are None (the training step
+    counts the batch as skipped and moves on). A class, so workers can pickle it."""
 
     def __init__(self, tokenizer, max_len: int = 100):
         self.tokenizer, self.max_len = tokenizer, max_len
@@ -384,7 +419,7 @@ class Collate:
     def __call__(self, items):
         kept = [item for item in items if item is not None]
         if not kept:
-            return None
+            return {"images": None, "input_ids": None, "attention_mask": None, "captions": [], "skipped": len(items)}
         captions = [item["caption"] for item in kept]
         # default_collate stacks straight into shared memory inside a worker: one copy less per batch
         return {"images": default_collate([item["image"] for item in kept]),  # (B, C, S, S)
@@ -409,20 +444,6 @@ def _load_chunk(rows: list[int], paths: list[str], size: int, resize: str) -> li
             print(f"cache: skipping {paths[row]} ({error})", file=sys.stderr)
             chunk.append((row, None))
     return chunk
-
-
-def write_atomic(path, write) -> None:
-    """write(temporary path) beside `path`, then os.replace: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
 
 
 def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""Zero-shot classification and phrase grounding of a trained MaCo model (spec/maco-method.md §8, §9; D9, D10).
+"""Zero-shot classification and phrase grounding of a trained MaCo model (docs/method.md §8, §9; D9, D10).
 
 Zero-shot (§8): a class is scored by comparing the image embedding z with the mean embedding of its positive
 prompts and of its negative prompts: p = softmax([z·e+, z·e-])[0] = sigmoid(z·(e+ - e-)), raw dot products as
@@ -9,10 +9,9 @@ head's spatial prior, smoothed, upsampled and scaled to [-1, 1]; CNR, mIoU over 
 
     python eval_zeroshot.py --ckpt runs/maco/checkpoint.pt              # synthetic test split (data/synthetic)
     python eval_zeroshot.py --ckpt ckpt.pt --data nih --root /data/NIH   # or rsna, siim, chexpert, ms-cxr
-Evaluation-set loaders live in benchmarks.py.
+Evaluation-set loaders live in eval_datasets.py.
 """
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,14 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-import benchmarks
-from data import write_atomic
+import eval_datasets
+from checkpoint import write_atomic, write_json
 from cli import parse_config
+from devices import pick_device
 from maco import load_checkpoint
 from metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
                      pointing_game, roc_auc, roc_curve, to_numpy)
-from text_encoder import encode_texts
+from tokenizer import encode_texts
 
 # Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
 PROMPT_SETS = {
@@ -115,7 +115,7 @@ def similarity_map(model, images: torch.Tensor, phrases, tokenizer=None, sigma: 
     phrase_embs = phrases.reshape(-1, phrases.shape[-1]).to(images.device)  # (B, D)
     patch_emb, _ = model.encode_image(images)  # (B, N, D) projected patch tokens P_I(h_n)
     batch, num_patches, _ = patch_emb.shape
-    prior = torch.softmax(model.score_head.weight.reshape(-1) / prior_temperature, dim=0)  # (N,) α = softmax(w / 0.02)
+    prior = model.spatial_prior(prior_temperature)  # (N,) α = softmax(w / 0.02)
     similarity = torch.einsum("bnd,bd->bn", patch_emb * prior[:, None], phrase_embs)  # raw dot product
     grid = int(round(num_patches ** 0.5))
     # float64 on the CPU (the maps are small): min-max scaling must tell a flat map from rounding noise
@@ -173,7 +173,7 @@ def grounding_summary(pairs: list[dict]) -> dict:
 @torch.no_grad()
 def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers: int = 0, out_dir=None,
                        n_overlays: int = 8) -> dict:
-    """Grounding metrics over a `benchmarks.GroundingDataset`; with `out_dir`, overlays of the first pairs.
+    """Grounding metrics over a `eval_datasets.GroundingDataset`; with `out_dir`, overlays of the first pairs.
     A box that floors to nothing in the model's frame (a few pixels wide at a small input size) has no
     defined metric: such pairs are counted as `skipped_empty_boxes`, not scored."""
     model.eval()
@@ -199,20 +199,6 @@ def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers:
 
 
 # ----------------------------------------------------------------------------- outputs
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if np.isnan(value) else float(value)  # strict JSON has no NaN
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def write_json(data: dict, path) -> None:
-    write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(_jsonable(data), indent=2)))
-
 
 def _save_figure(figure: Figure, path) -> None:
     write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
@@ -277,13 +263,13 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     """Evaluate a checkpoint (or an in-memory model and tokenizer) on cfg.data; writes metrics.json and PNGs to cfg.out."""
     if cfg.prompts and cfg.prompts not in PROMPT_SETS:
         raise ValueError(f"--prompts {cfg.prompts!r}: expected one of {sorted(PROMPT_SETS)}")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg.device)
     if model is None:
         if not Path(cfg.ckpt).is_file():
             raise FileNotFoundError(f"checkpoint {cfg.ckpt!r} not found (pass --ckpt, a file written by train.py)")
         model, tokenizer, _ = load_checkpoint(cfg.ckpt, device)
     model = model.to(device).eval()
-    zero_shot, grounding = benchmarks.load_benchmark(
+    zero_shot, grounding = eval_datasets.load_benchmark(
         cfg.data, cfg.root, model.cfg.img_size, model.cfg.in_chans, split_file=cfg.split_file, split=cfg.split,
         uncertain=cfg.uncertain, mimic_root=cfg.mimic_root, limit=cfg.max_images or None)
     results = dict(data=cfg.data, root=str(cfg.root), checkpoint=cfg.ckpt, config=dataclasses.asdict(cfg))

@@ -1,12 +1,17 @@
 """MaCo's losses as pure functions of tensors (no module state).
 
-Spec: maco-method.md section 6. `reconstruction_loss` is the MAE term (6.1); `correlation_weighted_contrastive_loss`
-is the released four-term form of decision D5 (6.3), and `clip_loss` the plain symmetric InfoNCE it reduces to
-when every correlation weight is equal.
+docs/method.md §6. `reconstruction_loss` is the MAE term (§6.1); `correlation_weighted_contrastive_loss` is the
+released four-term form of decision D5 (§6.3), and `clip_loss` the plain symmetric InfoNCE it reduces to when
+every correlation weight is equal. Half and bfloat16 inputs are computed in float32; float64 stays float64.
 """
 
 import torch
 import torch.nn.functional as F
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half and bfloat16 to float32 (losses under autocast); leave float32 and float64 as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def reconstruction_loss(pred, target, mask, norm_pix: bool = False):
@@ -19,15 +24,15 @@ def reconstruction_loss(pred, target, mask, norm_pix: bool = False):
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L)
+    per_patch = ((_at_least_float32(pred) - _at_least_float32(target)) ** 2).mean(dim=-1)  # (B, L)
     return (per_patch * mask).sum() / mask.sum()
 
 
 def contrastive_logits(img_emb, txt_emb, logit_scale):
-    """L = s * normalize(img) @ normalize(txt).T in float32: row i is image i against every report. (G, G)"""
-    img = F.normalize(img_emb.float(), dim=-1)
-    txt = F.normalize(txt_emb.float(), dim=-1)
-    return logit_scale.float() * img @ txt.T
+    """L = s * normalize(img) @ normalize(txt).T, at least in float32: row i is image i against every report. (G, G)"""
+    img = F.normalize(_at_least_float32(img_emb), dim=-1)
+    txt = F.normalize(_at_least_float32(txt_emb), dim=-1)
+    return _at_least_float32(logit_scale) * img @ txt.T
 
 
 def clip_loss(img_emb, txt_emb, logit_scale):
@@ -37,19 +42,19 @@ def clip_loss(img_emb, txt_emb, logit_scale):
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def correlation_weighted_contrastive_loss(img_emb, txt_emb, weights, logit_scale):
+def correlation_weighted_contrastive_loss(img_emb, txt_emb, correlation_weights, logit_scale):
     """Decision D5, exactly the released form:
 
         L_con = 1/4 [ CE(diag(c) L) + CE(diag(c) L^T) + WCE(L; sg(c)) + WCE(L^T; sg(c)) ]
 
-    img_emb, txt_emb: (G, D), not normalised. weights c: (G,) positive per-pair correlation weights.
+    img_emb, txt_emb: (G, D), not normalised. correlation_weights c: (G,) positive, one per pair.
     logit_scale s: scalar tensor (already clamped). Row i of either direction is scaled by c_i, the weight of
     pair i. WCE is PyTorch's weighted cross-entropy: sum_i c_i CE_i / sum_i c_i, with c detached, so the
     correlation head learns only through the scaled logits of the first two terms.
     """
     logits = contrastive_logits(img_emb, txt_emb, logit_scale)  # (G, G)
     targets = torch.arange(logits.shape[0], device=logits.device)
-    c = weights.float()
+    c = _at_least_float32(correlation_weights)
     scaled_i2t = c[:, None] * logits  # (G, G) row i scaled by c_i
     scaled_t2i = c[:, None] * logits.T
     c_detached = c.detach()

@@ -1,6 +1,6 @@
 """MaCo: masked image modelling plus correlation-weighted image-report contrast, wired together.
 
-Spec: maco-method.md sections 1-6 (decisions D1-D5). One forward pass:
+docs/method.md §1-§6 (decisions D1-D5). One forward pass:
   1. the image (2S x 2S with the super-resolution target) is downsampled to S x S and half its patches are masked;
   2. the ViT encodes the visible patches; a light decoder predicts every masked patch of the full-size image;
   3. the visible patch tokens, projected and averaged, meet the report embedding in a contrastive loss whose
@@ -14,51 +14,79 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from checkpoint import read_checkpoint
+from cli import check_options, flag, option
 from loss import clip_loss, correlation_weighted_contrastive_loss, reconstruction_loss
-from text_encoder import TextEncoder, check_special_tokens
+from text_encoder import TextEncoder
+from tokenizer import check_special_tokens
 from vit import Block, VisionTransformer, init_vit_weights, patchify, sincos_2d_pos_embed
 
 
 @dataclass
 class MaCoConfig:
-    # image encoder (ViT); img_size is the encoder's input side S
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    """The model's shapes and objectives. Defaults are `base` (the paper's and the released checkpoint's shapes);
+    `MaCoConfig.preset("tiny")` is the CPU preset. Every field is a flag of train.py (`--img-size`, ...)."""
+    # image encoder (ViT)
+    img_size: int = option(224, "encoder input side S in pixels (the training input is 2S with super-resolution)",
+                           minimum=1)
+    patch_size: int = option(16, "ViT patch side p; the grid has (S/p)^2 patches", minimum=1)
+    in_chans: int = option(3, "image channels (the grey image is replicated)", minimum=1)
+    width: int = option(768, "image encoder width", minimum=4)
+    depth: int = option(12, "image encoder blocks", minimum=1)
+    num_heads: int = option(12, "image encoder attention heads", minimum=1)
+    mlp_ratio: float = option(4.0, "MLP hidden width / width, encoder and decoder", above=0)
     # decoder
-    decoder_width: int = 768
-    decoder_depth: int = 4
-    decoder_num_heads: int = 6
+    decoder_width: int = option(768, "reconstruction decoder width", minimum=4)
+    decoder_depth: int = option(4, "reconstruction decoder blocks", minimum=1)
+    decoder_num_heads: int = option(6, "reconstruction decoder attention heads", minimum=1)
     # text encoder (BERT-style) and the joint embedding
-    vocab_size: int = 30000
-    text_width: int = 384
-    text_depth: int = 6
-    text_num_heads: int = 6
-    text_ffn_width: int = 1536
-    max_len: int = 100
-    text_dropout: float = 0.1
-    embed_dim: int = 768
+    vocab_size: int = option(30000, "text vocabulary size (training sets it from the tokenizer)", minimum=5)
+    text_width: int = option(384, "text encoder width", minimum=1)
+    text_depth: int = option(6, "text encoder layers", minimum=1)
+    text_num_heads: int = option(6, "text encoder attention heads", minimum=1)
+    text_ffn_width: int = option(1536, "text encoder feed-forward width", minimum=1)
+    max_len: int = option(100, "report tokens, [CLS] included (longer reports are truncated)", minimum=2)
+    text_dropout: float = option(0.1, "dropout in the text encoder", minimum=0, below=1)
+    embed_dim: int = option(768, "joint image-report embedding width", minimum=1)
     # objectives
-    super_resolution: bool = True  # D2: predict (2p)x(2p) patches of a 2S x 2S input
-    mask_ratio: float = 0.5
-    lam: float = 0.5  # D3: loss = lam * L_rec + (1 - lam) * L_con
-    norm_pix_loss: bool = False
-    correlation_weighting: bool = True  # D5; False gives plain symmetric InfoNCE
-    logit_scale_init: float = 1 / 0.03  # D4: raw inverse temperature
-    logit_scale_max: float = 100.0
+    super_resolution: bool = option(True, "D2: predict (2p)x(2p) patches of a 2S x 2S input")
+    mask_ratio: float = option(0.5, "fraction of patches masked; 0 = contrastive learning alone", minimum=0, below=1)
+    lam: float = option(0.5, "D3: loss = lam * L_rec + (1 - lam) * L_con", minimum=0, maximum=1)
+    norm_pix_loss: bool = option(False, "normalise each target patch (off in MaCo's recipe)")
+    correlation_weighting: bool = option(True, "D5: correlation-weighted loss; off = plain symmetric InfoNCE")
+    logit_scale_init: float = option(1 / 0.03, "D4: initial raw inverse temperature", above=0)
+    logit_scale_max: float = option(100.0, "D4: the inverse temperature is clamped at this value", above=0)
+
+    def __post_init__(self):
+        check_options(self)
+        divisible = [("img_size", "patch_size"), ("width", "num_heads"), ("decoder_width", "decoder_num_heads"),
+                     ("text_width", "text_num_heads")]
+        for a, b in divisible:
+            if getattr(self, a) % getattr(self, b):
+                raise ValueError(f"{flag(a)} {getattr(self, a)} must be a multiple of {flag(b)} {getattr(self, b)}")
+        for name in ("width", "decoder_width"):  # the 2-D sine-cosine position tables
+            if getattr(self, name) % 4:
+                raise ValueError(f"{flag(name)} {getattr(self, name)} must be a multiple of 4")
+        if self.num_patches * (1 - self.mask_ratio) < 1:
+            raise ValueError(f"--mask-ratio {self.mask_ratio} leaves no visible patch of {self.num_patches}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        return self.grid_size ** 2
 
     @property
     def input_size(self) -> int:
         """Side of the images the training forward takes: 2S with the super-resolution target, else S."""
         return 2 * self.img_size if self.super_resolution else self.img_size
+
+    @property
+    def target_patch_size(self) -> int:
+        """Side of the patch the decoder predicts per grid cell: 2p of the 2S image (D2), else p."""
+        return 2 * self.patch_size if self.super_resolution else self.patch_size
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "MaCoConfig":
@@ -89,20 +117,30 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class MaCo(nn.Module):
+    """The whole model: image encoder, reconstruction decoder, text encoder, image projection, correlation head
+    and the learnable inverse temperature (docs/method.md §6.4 traces one step with shapes).
+
+    forward(images (B, C, 2S, 2S) or (B, C, S, S) without super-resolution, input_ids (B, T), attention_mask (B, T)):
+      the encoder sees K = floor(N (1 - mask_ratio)) visible patches of the S x S image; the decoder predicts all N
+      patch positions; image embeddings (B, E), report embeddings (B, E) and correlation scores (B,) are then
+      gathered over the processes of a distributed run, so the contrastive loss sees G = B x world size pairs
+      (G = B in a single process). Returns the losses and the (G,) correlation weights (see `forward`).
+    Evaluation uses `encode_image` (unmasked), `encode_text` and `spatial_prior`.
+    """
+
     def __init__(self, cfg: MaCoConfig):
         super().__init__()
         self.cfg = cfg
         self.image_encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.width, cfg.depth,
                                                cfg.num_heads, cfg.mlp_ratio)
         # decoder: predicts the pixels of every masked patch (of the 2x image with the super-resolution target)
-        target_patch = 2 * cfg.patch_size if cfg.super_resolution else cfg.patch_size
         self.decoder_embed = nn.Linear(cfg.width, cfg.decoder_width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
-        self.register_buffer("decoder_pos_embed", sincos_2d_pos_embed(cfg.decoder_width, cfg.img_size // cfg.patch_size))
+        self.register_buffer("decoder_pos_embed", sincos_2d_pos_embed(cfg.decoder_width, cfg.grid_size))
         self.decoder_blocks = nn.ModuleList([Block(cfg.decoder_width, cfg.decoder_num_heads, cfg.mlp_ratio)
                                              for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(cfg.decoder_width, eps=1e-6)
-        self.decoder_pred = nn.Linear(cfg.decoder_width, target_patch ** 2 * cfg.in_chans)
+        self.decoder_pred = nn.Linear(cfg.decoder_width, cfg.target_patch_size ** 2 * cfg.in_chans)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(init_vit_weights)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -112,10 +150,11 @@ class MaCo(nn.Module):
                                         embed_dim=cfg.embed_dim)
         self.image_proj = nn.Linear(cfg.width, cfg.embed_dim)
         init_vit_weights(self.image_proj)
-        # correlation head: r = v . w + b over the visibility of the N patch positions, zero at init (c = ln 2)
-        self.score_head = nn.Linear(cfg.num_patches, 1)
-        nn.init.zeros_(self.score_head.weight)
-        nn.init.zeros_(self.score_head.bias)
+        # correlation head (released name `pos_weight_img`): the correlation score r = v . w + b of the visibility
+        # v of the N patch positions; zero at init, so every correlation weight c = softplus(r) starts at ln 2
+        self.correlation_head = nn.Linear(cfg.num_patches, 1)
+        nn.init.zeros_(self.correlation_head.weight)
+        nn.init.zeros_(self.correlation_head.bias)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))  # D4: raw, not log-parameterised
 
     # -- encoders -------------------------------------------------------------------------------------------
@@ -129,6 +168,11 @@ class MaCo(nn.Module):
     def encode_text(self, input_ids, attention_mask):
         """input_ids, attention_mask (B, T) -> report embedding (B, embed_dim)."""
         return self.text_encoder(input_ids, attention_mask)
+
+    def spatial_prior(self, temperature: float = 0.02) -> torch.Tensor:
+        """The grounding prior alpha = softmax(w / temperature) over the N patch positions, (N,), from the correlation
+        head's weights w: positions whose visibility raised the correlation weight in training (D10, §9)."""
+        return torch.softmax(self.correlation_head.weight.reshape(-1) / temperature, dim=0)
 
     def decode(self, h, ids_restore):
         """h (B, 1 + K, D) encoder output -> pred (B, N, P) pixel predictions for every patch position."""
@@ -146,8 +190,9 @@ class MaCo(nn.Module):
     def forward(self, images, input_ids, attention_mask, generator: torch.Generator | None = None):
         """images (B, C, input_size, input_size) normalised; input_ids, attention_mask (B, T).
 
-        Returns a dict: loss, loss_rec, loss_con (scalars), weights (G,) correlation weights of the gathered
-        batch, logit_scale (the clamped inverse temperature), pred (B, N, P) or None, mask (B, N) 1 = masked.
+        Returns a dict: loss, loss_rec, loss_con (scalars), correlation_weights (G,) the weights c of the
+        gathered batch, logit_scale (the clamped inverse temperature), pred (B, N, P) or None, mask (B, N)
+        1 = masked.
         """
         cfg = self.cfg
         if images.shape[-1] != cfg.input_size or images.shape[-2] != cfg.input_size:
@@ -162,30 +207,32 @@ class MaCo(nn.Module):
 
         if cfg.mask_ratio > 0:
             pred = self.decode(h, ids_restore)  # (B, N, P)
-            target = patchify(images, images.shape[-1] // (cfg.img_size // cfg.patch_size))  # (B, N, P)
+            target = patchify(images, cfg.target_patch_size)  # (B, N, P)
             loss_rec = reconstruction_loss(pred, target, mask, cfg.norm_pix_loss)
         else:  # nothing is masked, so there is nothing to reconstruct
             pred, loss_rec = None, torch.zeros((), device=images.device)
 
         image_emb = self.image_proj(h[:, 1:]).mean(dim=1)  # (B, E) mean over the visible tokens, cls excluded
         text_emb = self.encode_text(input_ids, attention_mask)  # (B, E)
-        scores = self.score_head((1 - mask).float()).squeeze(-1)  # (B,) r = v . w + b, float32
-        image_emb, text_emb, scores = (all_gather_with_grad(t) for t in (image_emb, text_emb, scores))  # (G, ...)
+        visibility = (1 - mask).to(self.correlation_head.weight.dtype)  # (B, N) 1 = visible
+        correlation_scores = self.correlation_head(visibility).squeeze(-1)  # (B,) r = v . w + b
+        image_emb, text_emb, correlation_scores = (all_gather_with_grad(t)
+                                                   for t in (image_emb, text_emb, correlation_scores))  # (G, ...)
         logit_scale = self.logit_scale.clamp(max=cfg.logit_scale_max)  # D4
         if cfg.correlation_weighting:
-            weights = F.softplus(scores)  # (G,) computed stably, c = log(1 + e^r)
-            loss_con = correlation_weighted_contrastive_loss(image_emb, text_emb, weights, logit_scale)
+            correlation_weights = F.softplus(correlation_scores)  # (G,) c = log(1 + e^r), computed stably
+            loss_con = correlation_weighted_contrastive_loss(image_emb, text_emb, correlation_weights, logit_scale)
         else:
-            weights = torch.ones_like(scores)
+            correlation_weights = torch.ones_like(correlation_scores)
             loss_con = clip_loss(image_emb, text_emb, logit_scale)
         loss = cfg.lam * loss_rec + (1 - cfg.lam) * loss_con if cfg.mask_ratio > 0 else loss_con
-        return {"loss": loss, "loss_rec": loss_rec, "loss_con": loss_con, "weights": weights,
+        return {"loss": loss, "loss_rec": loss_rec, "loss_con": loss_con, "correlation_weights": correlation_weights,
                 "logit_scale": logit_scale, "pred": pred, "mask": mask}
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizer(self, lr: float, weight_decay: float, betas=(0.9, 0.95), device_type: str = "cpu"):
-        """AdamW with the paper's betas. No weight decay on biases, norms, the cls/mask tokens, learned position
-        embeddings or the temperature: every tensor of fewer than 2 dimensions, plus those named."""
+        """AdamW with the paper's betas (fused on GPUs). No weight decay on biases, norms, the cls/mask tokens,
+        learned position embeddings or the temperature: every tensor of fewer than 2 dimensions, plus those named."""
         no_decay_names = ("cls_token", "mask_token", "position_embeddings", "logit_scale")
         decay, no_decay = [], []
         for name, param in self.named_parameters():
@@ -197,23 +244,6 @@ class MaCo(nn.Module):
                 decay.append(param)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
-
-
-def read_checkpoint(path, what: str = "checkpoint", required=()) -> dict:
-    """torch.load with weights_only=True (tensors, numbers, strings: no pickled code), and errors that name the
-    file and what was expected. `what` names the flag or role of the file in messages."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path}: no such file") from None
-    except Exception as error:
-        raise ValueError(f"{what} {path}: not a readable PyTorch checkpoint ({error})") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{what} {path}: expected a dict, got {type(checkpoint).__name__}")
-    missing = [key for key in required if key not in checkpoint]
-    if missing:
-        raise ValueError(f"{what} {path}: not a checkpoint written by train.py (it lacks {missing})")
-    return checkpoint
 
 
 def load_checkpoint(path, device="cpu"):

@@ -1,4 +1,4 @@
-"""Evaluation metrics as plain functions of arrays (spec/maco-method.md §8 and §9; D9, D10).
+"""Evaluation metrics as plain functions of arrays (docs/method.md §8 and §9; D9, D10).
 
 Classification: ROC AUC in the Mann-Whitney form (ties count one half), its macro mean with a bootstrap 95%
 interval, F1 (positive class, and the released support-weighted variant) and accuracy at 0.5. Items whose label
@@ -7,7 +7,6 @@ contrast-to-noise ratio, IoU over thresholds and the pointing game, on maps in [
 """
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 

@@ -2,7 +2,7 @@
 
 MIMIC-CXR needs credentials, so this file generates stand-in data: procedural frontal radiograph phantoms whose
 findings (side, zone, size, severity) are described by MIMIC-style reports, written exactly as the real files are laid
-out (../shared/spec/data-formats.md §1; the test split's grounding boxes in the MS-CXR format of §6). The words for a
+out (docs/datasets.md §1; the test split's grounding boxes in the MS-CXR format of §6). The words for a
 finding correlate with what is in the image: that is what a contrastive model has to learn.
 
     python synthetic.py --out data/synthetic --studies 6000 --seed 0
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from cli import parse_config
+from data import MS_CXR_HEADER, split_sentences
 from phantom import FINDINGS, render_image
 
 FINDING_TO_CHEXPERT = {"cardiomegaly": "Cardiomegaly", "pleural effusion": "Pleural Effusion",
@@ -41,7 +42,6 @@ METADATA_HEADER = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStep
                    "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
                    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
 SPLIT_HEADER = ["dicom_id", "study_id", "subject_id", "split"]
-MS_CXR_HEADER = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
 NORMAL_FRACTION = 0.35
 # P(finding | abnormal study): each finding ends up in roughly 8-20% of all studies.
 ABNORMAL_PROBABILITY = {"cardiomegaly": 0.2, "pleural effusion": 0.23, "pneumothorax": 0.16, "consolidation": 0.24,
@@ -71,7 +71,7 @@ class Study:
 
     @property
     def image_path(self) -> str:
-        """The MIMIC-CXR-JPG path formula files/p{sid[:2]}/p{sid}/s{study}/{dicom}.jpg (spec §1.1)."""
+        """The MIMIC-CXR-JPG path formula files/p{sid[:2]}/p{sid}/s{study}/{dicom}.jpg (docs/datasets.md §1.1)."""
         return f"{self.report_path[:-4]}/{self.dicom_id}.jpg"
 
     @property
@@ -221,7 +221,7 @@ def _finding_sentence(finding: Finding, rng) -> str:
 
 
 def write_report(study: Study, rng) -> tuple[str, list[str]]:
-    """The MIMIC-style report (spec §1.6) and, per finding, the FINDINGS-section phrase that describes it."""
+    """The MIMIC-style report (docs/datasets.md §1.6) and, per finding, the FINDINGS-section phrase that describes it."""
     pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
     present = {f.name for f in study.findings}
     phrases = [_finding_sentence(f, rng) for f in study.findings]
@@ -278,7 +278,7 @@ def label_report(text: str) -> dict:
     """CheXpert-style labels {column: "1.0" | "0.0" | "-1.0" | ""} from a report's FINDINGS and IMPRESSION."""
     body = re.sub(r"\s+", " ", text.split("FINDINGS:", 1)[-1].replace("IMPRESSION:", " ")).lower()
     best, rank = {}, {1.0: 3, -1.0: 2, 0.0: 1}
-    for sentence in re.split(r"(?<!\d)\.|\.(?!\d)", body):  # "1.5 cm" is not a sentence break
+    for sentence in split_sentences(body):  # "1.5 cm" is not a sentence break
         negated = re.search(NEGATION_CUES, sentence) is not None
         for clause in re.split(r"[,;]", sentence):
             value = 0.0 if negated else -1.0 if re.search(UNCERTAINTY_CUES, clause) else 1.0

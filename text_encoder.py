@@ -1,104 +1,23 @@
-"""The report side of MaCo: a WordPiece tokenizer and a BERT-style text encoder, written directly in PyTorch.
+"""The report side of MaCo: a BERT-style text encoder written directly in PyTorch (docs/method.md §4, D1).
 
-Spec: maco-method.md section 4 (decisions D1, D6, D7). The encoder is a post-LayerNorm BERT trained from
-scratch (384 wide, 6 layers, 6 heads in `base`); the report embedding is a pooler tanh(Linear(384 -> 768)) on
-token 0, the [CLS] position. There is no masked-language-model head: MaCo never predicts words.
+A post-LayerNorm BERT trained from scratch (384 wide, 6 layers, 6 heads in `base`); the report embedding is a
+pooler tanh(Linear(384 -> 768)) on token 0, the [CLS] position. There is no masked-language-model head: MaCo
+never predicts words. The tokenizer that makes `input_ids` is in tokenizer.py.
 """
-
-from collections import Counter
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[MASK]"]  # ids 0, 1, 2, 3, as in the released mimic_wordpiece.json
-PAD_ID, CLS_ID = 0, 2
+from tokenizer import PAD_ID
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizer (D7)
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 30000) -> Tokenizer:
-    """Build a WordPiece tokenizer with the released tokenizer's settings from an iterable of report texts.
-
-    Lower-case, NFKD, strip accents; split into word runs / punctuation runs, then digit groups. The vocabulary
-    is the special tokens, every character seen (alone and as a "##" continuation) and then the most frequent
-    words, ties broken alphabetically: the library's own trainer breaks ties between equally frequent merges in
-    hash order, so two runs on the same reports would get different vocabularies. Rarer words are split into
-    pieces by WordPiece's greedy longest match. The post-processor prepends [CLS] (no [SEP] exists), so callers
-    pass plain captions.
-    """
-    tokenizer = Tokenizer(models.WordPiece({}, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Lowercase(), normalizers.NFKD(), normalizers.StripAccents()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=False)])
-    counts = Counter()
-    for text in texts:
-        normalized = tokenizer.normalizer.normalize_str(text)
-        counts.update(word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized))
-    alphabet = sorted({char for word in counts for char in word})
-    vocab = SPECIAL_TOKENS + alphabet + ["##" + char for char in alphabet]
-    words = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
-    vocab += words[:max(vocab_size - len(vocab), 0)]
-    tokenizer.model = models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]",
-                                       continuing_subword_prefix="##")
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", CLS_ID)])
-    return tokenizer
-
-
-def check_special_tokens(tokenizer: Tokenizer, source: str = "tokenizer") -> None:
-    """Raise a clear error if the tokenizer's special ids differ from [PAD]=0 [UNK]=1 [CLS]=2 [MASK]=3."""
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != expected_id:
-            raise ValueError(f"{source}: expected {token} to have id {expected_id}, "
-                             f"found {tokenizer.token_to_id(token)}; MaCo needs the released special ids")
-
-
-def save_tokenizer(tokenizer: Tokenizer, path) -> None:
-    tokenizer.save(str(path))
-
-
-def load_tokenizer(path) -> Tokenizer:
-    """Load a `tokenizers` JSON file (ours, or the released `mimic_wordpiece.json`) unchanged."""
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as error:  # the library raises a bare Exception for missing or malformed files
-        raise ValueError(f"could not read tokenizer file {path}: {error}") from None
-    check_special_tokens(tokenizer, str(path))
-    return tokenizer
-
-
-def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int = 100) -> dict:
-    """Tokenize captions into a padded batch: [CLS] + tokens, truncated to max_len, padded to the longest.
-
-    Returns input_ids (B, T) and attention_mask (B, T), 1 = real token, 0 = padding (id 0), T <= max_len.
-    The released tokenizer file has no post-processor; it was fed "[CLS] " + caption, which we do for it.
-    """
-    if tokenizer.post_processor is None:
-        texts = ["[CLS] " + text for text in texts]
-    ids = [encoding.ids[:max_len] for encoding in tokenizer.encode_batch(texts)]
-    longest = max(len(seq) for seq in ids)
-    input_ids = torch.full((len(ids), longest), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, :len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Encoder (D1)
 
 class BertEmbeddings(nn.Module):
     def __init__(self, vocab_size, width, max_len, type_vocab_size, dropout):
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, width, padding_idx=PAD_ID)
         self.position_embeddings = nn.Embedding(max_len, width)
+        # kept although every input has type 0: the released checkpoint has this table (and BERT's layout)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, width)
         self.LayerNorm = nn.LayerNorm(width, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
@@ -155,7 +74,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.embeddings = BertEmbeddings(vocab_size, width, max_len, type_vocab_size, dropout)
         self.layers = nn.ModuleList([BertLayer(width, num_heads, ffn_width, dropout) for _ in range(depth)])
-        self.pooler = nn.Linear(width, embed_dim)  # 384 -> 768 in the released checkpoint (spec section 4)
+        self.pooler = nn.Linear(width, embed_dim)  # 384 -> 768 in the released checkpoint (docs/method.md §4)
         self.apply(self._init_weights)
 
     @staticmethod

@@ -1,6 +1,6 @@
 """A compact Vision Transformer with MAE-style random patch masking: the image side of MaCo.
 
-Spec: maco-method.md section 2 (decision D1). Pre-LayerNorm blocks, fixed 2-D sine-cosine position embeddings,
+docs/method.md §2 (decision D1). Pre-LayerNorm blocks, fixed 2-D sine-cosine position embeddings,
 attention through `scaled_dot_product_attention`. Parameter names follow the common ViT convention
 (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.attn.qkv`, ...) so that an MAE or timm ViT-B/16
 encoder state dict loads by name, strictly.

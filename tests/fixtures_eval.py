@@ -1,4 +1,4 @@
-"""Tiny evaluation-set fixtures in the exact real on-disk formats (spec/data-formats.md §1-§6, checklist §9).
+"""Tiny evaluation-set fixtures in the exact real on-disk formats (docs/datasets.md §1-§6, checklist §9).
 
 Each builder writes into a given folder (a pytest tmp_path) and returns what the tests need to check the
 loader: nothing binary is committed. Images are small grey PNG/JPEG files; labels and headers follow the

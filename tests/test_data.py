@@ -1,4 +1,4 @@
-"""Tests of data.py on tiny fixtures built in tmp_path in the exact real formats (data-formats.md §1, §7, §9)."""
+"""Tests of data.py on tiny fixtures built in tmp_path in the exact real formats (docs/datasets.md §1, §7, §9)."""
 import csv
 import gzip
 import json
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import data
-from text_encoder import train_tokenizer
+from tokenizer import train_tokenizer
 
 METADATA_HEADER = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,"
                    "StudyDate,StudyTime,ProcedureCodeSequence_CodeMeaning,ViewCodeSequence_CodeMeaning,"
@@ -41,7 +41,7 @@ def dicom_id(number: int) -> str:
 
 
 def mimic_report(findings, impression, body) -> str:
-    """A report .txt in the MIMIC layout (data-formats §1.6): centred title, lines start with a space."""
+    """A report .txt in the MIMIC layout (docs/datasets.md §1.6): centred title, lines start with a space."""
     lines = [" " * 33 + "FINAL REPORT", " EXAMINATION:  CHEST (PA AND LAT)", " ",
              " INDICATION:  ___F with cough and fever  // eval for pneumonia", " ", " COMPARISON:  None.", " "]
     for header, text in (("FINDINGS", findings), ("IMPRESSION", impression), (None, body)):
@@ -151,7 +151,7 @@ def make_openi(root):
 # ---------------------------------------------------------------------------------------------------------
 # Report captions (D6)
 
-def test_spec_worked_example_gives_exactly_the_four_captions_of_the_spec():
+def test_documented_example_gives_exactly_its_four_captions():
     generator = torch.Generator().manual_seed(0)
     captions = {data.report_to_caption(SPEC_EXAMPLE, generator) for _ in range(200)}
     assert captions == {"heart size is normal. ", "nodule measures 1.5 cm. ",
@@ -333,7 +333,7 @@ def test_collate_tokenizes_with_dynamic_padding_and_drops_unreadable_images_in_w
     lengths = batch["attention_mask"].sum(1)
     assert batch["input_ids"].shape[1] == lengths.max() and (batch["input_ids"][:, 0] == 2).all()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
-    assert data.Collate(tokenizer)([None, None]) is None
+    assert data.Collate(tokenizer)([None, None])["skipped"] == 2
     assert str(bad_path) in capfd.readouterr().err  # printed by the worker process
 
 

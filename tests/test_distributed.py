@@ -46,7 +46,7 @@ def worker(rank, port, out_path):
     out["loss"].backward()
     if rank == 0:
         torch.save({"loss_con": out["loss_con"].detach(), "loss_rec": out["loss_rec"].detach(),
-                    "weights": out["weights"].detach(),
+                    "correlation_weights": out["correlation_weights"].detach(),
                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}, out_path)
     dist.destroy_process_group()
 
@@ -66,7 +66,7 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_concatenated_ba
     out = model(*make_batch(cfg), generator=mask_generator(0))
     out["loss"].backward()
 
-    assert out["weights"].shape == distributed["weights"].shape == (2 * B,)  # the gathered contrastive batch
+    assert out["correlation_weights"].shape == distributed["correlation_weights"].shape == (2 * B,)  # the gathered contrastive batch
     assert torch.allclose(out["loss_con"], distributed["loss_con"], atol=1e-5)
     # each process's reconstruction loss is local; with equal masked counts their mean is the global one
     for name, param in model.named_parameters():

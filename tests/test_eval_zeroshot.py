@@ -1,5 +1,5 @@
-"""Zero-shot and grounding evaluation (maco-method.md §8, §9; D9, D10) and the evaluation-set loaders
-(data-formats.md §1-§6). Hand-computed metric values, reference implementations, real-format fixtures."""
+"""Zero-shot and grounding evaluation (docs/method.md §8, §9; D9, D10) and the evaluation-set loaders
+(docs/datasets.md §1-§6). Hand-computed metric values, reference implementations, real-format fixtures."""
 import dataclasses
 import itertools
 import json
@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import benchmarks
+import checkpoint
+import eval_datasets
 import eval_zeroshot as ez
 import metrics as mt
 from fixtures_eval import (SIIM_NEGATIVE, SIIM_POSITIVE, SIIM_RLE, SIIM_TWO_REGIONS, make_chexpert, make_ms_cxr,
                            make_nih, make_rsna, make_siim, make_synthetic_labels, rewrite_header)
 from maco import MaCo, MaCoConfig
-from text_encoder import train_tokenizer
+from tokenizer import train_tokenizer
 
 CAPTIONS = ["there is cardiomegaly. ", "there is no pleural effusion. ", "no pneumothorax. ", "the lung is clear.",
             "small left pleural effusion. ", "patchy opacity in the right lower lobe. "] * 4
@@ -194,16 +195,16 @@ def test_grounding_summary_means_over_pairs_and_over_categories():
 def test_letterbox_box_mapping_hand_computed_for_a_portrait_mimic_image():
     # 2544 x 3056: r = 224/3056, content 186 wide, pad 38 -> left 19; 1402*r = 102.76, 1690*r = 123.87,
     # 610*r = 44.71, 720*r = 52.77
-    assert benchmarks.letterbox_box((1402, 1690, 610, 720), 2544, 3056, 224) == (121, 123, 44, 52)
+    assert eval_datasets.letterbox_box((1402, 1690, 610, 720), 2544, 3056, 224) == (121, 123, 44, 52)
 
 
 def test_letterbox_box_mapping_hand_computed_for_a_landscape_image():
     # 300 x 200 -> 30: r = 0.1, content 30 x 20, pad 10 -> top 5
-    assert benchmarks.letterbox_box((10, 20, 50, 40), 300, 200, 30) == (1, 7, 5, 4)
+    assert eval_datasets.letterbox_box((10, 20, 50, 40), 300, 200, 30) == (1, 7, 5, 4)
 
 
 def test_boxes_become_their_union_not_their_sum():
-    mask = benchmarks.boxes_to_mask([(0, 0, 4, 4), (2, 2, 4, 4)], 10, 10, 10)
+    mask = eval_datasets.boxes_to_mask([(0, 0, 4, 4), (2, 2, 4, 4)], 10, 10, 10)
     assert mask.dtype == bool and mask.sum() == 16 + 16 - 4
     assert mask[0:4, 0:4].all() and mask[2:6, 2:6].all()
 
@@ -213,8 +214,8 @@ def test_letterboxed_box_frame_matches_the_letterboxed_image_of_data_preprocessi
     from data import IMAGE_MEAN, IMAGE_STD
     pixels = np.zeros((200, 300), np.uint8)  # landscape; a white box x 100..199, y 60..139
     pixels[60:140, 100:200] = 255
-    image = benchmarks.preprocess_image(Image.fromarray(pixels), 60, 1, "letterbox")[0].numpy()
-    mask = benchmarks.boxes_to_mask([(100, 60, 100, 80)], 300, 200, 60)  # r = 0.2, top pad 10 -> rows 22..37
+    image = eval_datasets.preprocess_image(Image.fromarray(pixels), 60, 1, "letterbox")[0].numpy()
+    mask = eval_datasets.boxes_to_mask([(100, 60, 100, 80)], 300, 200, 60)  # r = 0.2, top pad 10 -> rows 22..37
     assert mask.sum() == 20 * 16 and mask[22:38, 20:40].all()
     white, black = (1 - IMAGE_MEAN) / IMAGE_STD, -IMAGE_MEAN / IMAGE_STD
     assert np.allclose(image[23:37, 21:39], white, atol=0.05)  # box interior (edges may blur)
@@ -226,15 +227,15 @@ def test_letterboxed_box_frame_matches_the_letterboxed_image_of_data_preprocessi
 def test_rle_decode_of_a_hand_made_mask_is_column_major_with_relative_starts():
     # height 3, width 4; flat column-major index = x * 3 + y; runs at 1..2 and, 3 later, at 6
     expected = np.array([[0, 0, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]], bool)
-    assert np.array_equal(benchmarks.rle_decode("1 2 3 1", height=3, width=4), expected)
-    assert benchmarks.rle_encode(expected) == "1 2 3 1"
+    assert np.array_equal(eval_datasets.rle_decode("1 2 3 1", height=3, width=4), expected)
+    assert eval_datasets.rle_encode(expected) == "1 2 3 1"
 
 
 def test_rle_of_a_real_siim_row_round_trips_exactly():
-    mask = benchmarks.rle_decode(SIIM_RLE)
+    mask = eval_datasets.rle_decode(SIIM_RLE)
     assert mask.shape == (1024, 1024) and mask.sum() == 1 + 7 + 36 + 35 + 35 + 32 + 27 + 20 + 16 + 10
-    assert benchmarks.rle_encode(mask) == SIIM_RLE
-    assert not benchmarks.rle_decode("-1").any() and benchmarks.rle_encode(np.zeros((5, 5), bool)) == "-1"
+    assert eval_datasets.rle_encode(mask) == SIIM_RLE
+    assert not eval_datasets.rle_decode("-1").any() and eval_datasets.rle_encode(np.zeros((5, 5), bool)) == "-1"
 
 
 # ----------------------------------------------------------------------------- prompts and scoring
@@ -251,9 +252,9 @@ def test_prompt_sets_are_the_released_strings_with_lower_cased_class_names():
 
 
 def test_class_name_lists_follow_each_benchmark_label_order():
-    assert len(benchmarks.CLASS_NAMES["nih"]) == 14 and benchmarks.CLASS_NAMES["nih"][12] == "pleural thickening"
-    assert benchmarks.CLASS_NAMES["chexpert"] == ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion"]
-    assert benchmarks.CLASS_NAMES["rsna"] == ["lung opacity"] and benchmarks.CLASS_NAMES["siim"] == ["pneumothorax"]
+    assert len(eval_datasets.CLASS_NAMES["nih"]) == 14 and eval_datasets.CLASS_NAMES["nih"][12] == "pleural thickening"
+    assert eval_datasets.CLASS_NAMES["chexpert"] == ["atelectasis", "cardiomegaly", "consolidation", "edema", "pleural effusion"]
+    assert eval_datasets.CLASS_NAMES["rsna"] == ["lung opacity"] and eval_datasets.CLASS_NAMES["siim"] == ["pneumothorax"]
 
 
 def test_two_way_softmax_score_equals_sigmoid_of_the_dot_product_with_the_difference():
@@ -290,13 +291,15 @@ def test_zero_shot_scores_are_sigmoid_of_image_embedding_times_prompt_difference
 # ----------------------------------------------------------------------------- similarity maps
 
 class PatchStub(torch.nn.Module):
-    """The two things similarity_map uses: encode_image's patch embeddings and the score head's weight."""
+    """The two things similarity_map uses: encode_image's patch embeddings and the correlation head's prior."""
 
     def __init__(self, patch_emb, weight):
         super().__init__()
         self.patch_emb = patch_emb
-        self.score_head = torch.nn.Linear(weight.numel(), 1)
-        self.score_head.weight.data = weight.view(1, -1)
+        self.correlation_head = torch.nn.Linear(weight.numel(), 1)
+        self.correlation_head.weight.data = weight.view(1, -1)
+
+    spatial_prior = MaCo.spatial_prior
 
     def encode_image(self, images):
         return self.patch_emb.expand(len(images), -1, -1), self.patch_emb.mean(1).expand(len(images), -1)
@@ -322,7 +325,7 @@ def test_similarity_map_peaks_at_the_patch_most_similar_to_the_phrase():
     assert 24 <= row < 32 and 40 <= column < 48  # inside that patch's 8x8 pixels
 
 
-def test_similarity_map_weights_patches_by_softmax_of_the_score_head_over_0_02():
+def test_similarity_map_weights_patches_by_softmax_of_the_correlation_head_over_0_02():
     patch_emb = torch.ones(1, 64, 2)  # every patch equally similar: only the spatial prior varies
     weight = torch.zeros(64)
     weight[4 * 8 + 3] = 0.02 * math.log(50.0)  # alpha 50x larger at (row 4, column 3)
@@ -347,9 +350,9 @@ def labels_of(items):
 
 def test_nih_loader_reads_the_official_v2020_csv_and_a_crlf_name_list(tmp_path):
     fixture = make_nih(tmp_path)
-    items = benchmarks.load_nih(tmp_path)
+    items = eval_datasets.load_nih(tmp_path)
     assert [item.path.split("/")[-1] for item in items] == fixture["names"]
-    nih = benchmarks.NIH_LABELS
+    nih = eval_datasets.NIH_LABELS
     assert items[0].labels[[nih.index("Cardiomegaly"), nih.index("Emphysema")]].tolist() == [1, 1]
     assert items[0].labels.sum() == 2 and items[1].labels.sum() == 0  # No Finding -> all zeros
     assert {nih[i] for i in np.flatnonzero(items[2].labels)} == {"Effusion", "Pneumothorax", "Pleural_Thickening"}
@@ -357,59 +360,59 @@ def test_nih_loader_reads_the_official_v2020_csv_and_a_crlf_name_list(tmp_path):
 
 def test_nih_loader_takes_labels_from_macos_split_lines_when_present(tmp_path):
     make_nih(tmp_path, maco_lists=True)
-    items = benchmarks.load_nih(tmp_path)
-    assert items[2].labels[benchmarks.NIH_LABELS.index("Pleural_Thickening")] == 0  # the list wins over the CSV
-    assert items[0].labels[benchmarks.NIH_LABELS.index("Emphysema")] == 1
+    items = eval_datasets.load_nih(tmp_path)
+    assert items[2].labels[eval_datasets.NIH_LABELS.index("Pleural_Thickening")] == 0  # the list wins over the CSV
+    assert items[0].labels[eval_datasets.NIH_LABELS.index("Emphysema")] == 1
 
 
 def test_rsna_loader_uses_split_list_labels_or_collapses_repeated_csv_rows(tmp_path):
     fixture = make_rsna(tmp_path)
-    items = benchmarks.load_rsna(tmp_path, "test_list.txt")
+    items = eval_datasets.load_rsna(tmp_path, "test_list.txt")
     assert labels_of(items) == [[label] for label in fixture["labels"]]
     assert items[0].path.endswith(".png")
-    from_csv = benchmarks.load_rsna(tmp_path, None)  # no list: every patient of the labels CSV, once
+    from_csv = eval_datasets.load_rsna(tmp_path, None)  # no list: every patient of the labels CSV, once
     assert labels_of(from_csv) == [[0.0], [1.0]]
 
 
 def test_rsna_dicom_images_give_a_clear_error_naming_the_missing_reader(tmp_path):
     make_rsna(tmp_path, dicom_only=True)
     with pytest.raises(ValueError, match=r"\.dcm is a DICOM file.*no DICOM reader.*PNG or JPEG"):
-        benchmarks.load_rsna(tmp_path, "test_list.txt")
+        eval_datasets.load_rsna(tmp_path, "test_list.txt")
 
 
 @pytest.mark.parametrize("leading_space", [True, False])
 def test_siim_loader_labels_any_mask_and_finds_nested_images(tmp_path, leading_space):
     make_siim(tmp_path, leading_space)
-    items = {item.path.split("/")[-1][:-4]: item for item in benchmarks.load_siim(tmp_path)}
+    items = {item.path.split("/")[-1][:-4]: item for item in eval_datasets.load_siim(tmp_path)}
     assert items[SIIM_NEGATIVE].labels.tolist() == [0.0] and items[SIIM_POSITIVE].labels.tolist() == [1.0]
     assert items[SIIM_TWO_REGIONS].rle == ("10 5", "1000 3 20 2")
-    mask = benchmarks.siim_mask(items[SIIM_TWO_REGIONS])
+    mask = eval_datasets.siim_mask(items[SIIM_TWO_REGIONS])
     assert mask.sum() == 5 + 3 + 2 and mask[10:15, 0].all()  # column-major: pixels 10..14 are column 0
-    assert [i.path.split("/")[-1][:-4] for i in benchmarks.load_siim(tmp_path, "test_list.txt")] == [SIIM_POSITIVE, SIIM_TWO_REGIONS]
+    assert [i.path.split("/")[-1][:-4] for i in eval_datasets.load_siim(tmp_path, "test_list.txt")] == [SIIM_POSITIVE, SIIM_TWO_REGIONS]
 
 
 @pytest.mark.parametrize("policy, expected", [("maco", [1, 0, 0, 1, 1]), ("ones", [1, 1, 1, 1, 1]),
                                               ("zeros", [0, 0, 0, 0, 0])])
 def test_chexpert_loader_applies_the_uncertainty_policy(tmp_path, policy, expected):
     make_chexpert(tmp_path)
-    items = benchmarks.load_chexpert(tmp_path, "train", policy)
+    items = eval_datasets.load_chexpert(tmp_path, "train", policy)
     assert len(items) == 3 and items[1].labels.tolist() == expected  # -1.0 in all five columns
     assert items[0].labels.tolist() == [0, 0, 0, 0, 0]  # blanks and 0.0
-    assert len(benchmarks.load_chexpert(tmp_path, "train", policy, frontal_only=True)) == 2
+    assert len(eval_datasets.load_chexpert(tmp_path, "train", policy, frontal_only=True)) == 2
 
 
 def test_chexpert_loader_accepts_the_dataset_folder_or_its_parent(tmp_path):
     fixture = make_chexpert(tmp_path)
     for root in (tmp_path, fixture["folder"]):
-        (item,) = benchmarks.load_chexpert(root, "valid")
+        (item,) = eval_datasets.load_chexpert(root, "valid")
         assert item.labels.tolist() == [0, 1, 0, 0, 0] and item.path.endswith("view1_frontal.jpg")
 
 
 def test_ms_cxr_loader_groups_boxes_per_image_and_lower_cased_phrase(tmp_path):
     make_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
-    pairs = benchmarks.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
+    pairs = eval_datasets.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
     assert [(p.category, len(p.boxes)) for p in pairs] == [("Pneumonia", 1), ("Pleural Effusion", 2), ("Cardiomegaly", 1)]
-    dataset = benchmarks.GroundingDataset(pairs, size=30, in_chans=1)
+    dataset = eval_datasets.GroundingDataset(pairs, size=30, in_chans=1)
     sample = dataset[1]
     assert sample["image"].shape == (1, 30, 30) and sample["mask"].shape == (30, 30)
     # 25 x 30 image -> left pad 2; boxes x 1..5 and 4..8 become columns 3..7 and 6..10: union 8 x 4
@@ -419,23 +422,23 @@ def test_ms_cxr_loader_groups_boxes_per_image_and_lower_cased_phrase(tmp_path):
 
 def test_synthetic_loader_reads_the_test_split_labels_and_grounding_boxes(synthetic_root):
     from synthetic import FINDINGS
-    items = benchmarks.load_synthetic(synthetic_root, FINDINGS)
+    items = eval_datasets.load_synthetic(synthetic_root, FINDINGS)
     rows = [line.split(",") for line in (synthetic_root / "synthetic-labels.csv").read_text().splitlines()[1:]]
     expected = {row[4]: [float(v) for v in row[5:]] for row in rows if row[3] == "test"}
     assert len(items) == len(expected) > 0
     assert all(item.labels.tolist() == expected[item.path[len(str(synthetic_root)) + 1:]] for item in items)
-    pairs = benchmarks.load_ms_cxr(synthetic_root / benchmarks.MS_CXR_CSV, synthetic_root)
+    pairs = eval_datasets.load_ms_cxr(synthetic_root / eval_datasets.MS_CXR_CSV, synthetic_root)
     assert pairs and {p.category.lower() for p in pairs} <= set(FINDINGS)
     test_paths = {item.path for item in items}
     assert all(pair.path in test_paths for pair in pairs)
 
 
 @pytest.mark.parametrize("make, relative, load", [
-    (make_nih, "Data_Entry_2017_v2020.csv", lambda root: benchmarks.load_nih(root)),
-    (make_rsna, "stage_2_train_labels.csv", lambda root: benchmarks.load_rsna(root, None)),
-    (make_siim, "train-rle.csv", lambda root: benchmarks.load_siim(root)),
-    (make_chexpert, "CheXpert-v1.0-small/valid.csv", lambda root: benchmarks.load_chexpert(root)),
-    (make_synthetic_labels, "synthetic-labels.csv", lambda root: benchmarks.load_synthetic(root, ["edema"])),
+    (make_nih, "Data_Entry_2017_v2020.csv", lambda root: eval_datasets.load_nih(root)),
+    (make_rsna, "stage_2_train_labels.csv", lambda root: eval_datasets.load_rsna(root, None)),
+    (make_siim, "train-rle.csv", lambda root: eval_datasets.load_siim(root)),
+    (make_chexpert, "CheXpert-v1.0-small/valid.csv", lambda root: eval_datasets.load_chexpert(root)),
+    (make_synthetic_labels, "synthetic-labels.csv", lambda root: eval_datasets.load_synthetic(root, ["edema"])),
 ])
 def test_a_wrong_header_names_the_file_and_the_expected_header(tmp_path, make, relative, load):
     make(tmp_path)
@@ -446,34 +449,34 @@ def test_a_wrong_header_names_the_file_and_the_expected_header(tmp_path, make, r
 
 def test_ms_cxr_wrong_header_and_missing_root_are_clear(tmp_path):
     make_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
-    with pytest.raises(FileNotFoundError, match="not a directory"):
-        benchmarks.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "nowhere")
-    rewrite_header(tmp_path / "ms-cxr" / benchmarks.MS_CXR_CSV, "dicom_id,category,text,path,x,y,w,h")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        eval_datasets.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "nowhere")
+    rewrite_header(tmp_path / "ms-cxr" / eval_datasets.MS_CXR_CSV, "dicom_id,category,text,path,x,y,w,h")
     with pytest.raises(ValueError, match=r"MS_CXR_Local_Alignment_v1\.0\.0\.csv.*dicom_id,category_name,label_text"):
-        benchmarks.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
+        eval_datasets.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
 
 
 def test_a_wrong_root_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        benchmarks.load_nih(tmp_path / "nowhere")
+        eval_datasets.load_nih(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"train-rle\.csv not found"):
-        benchmarks.load_siim(tmp_path)
+        eval_datasets.load_siim(tmp_path)
 
 
 def test_missing_images_are_counted_and_skipped(tmp_path, capsys):
     make_nih(tmp_path)
     (tmp_path / "images" / "00007816_000.png").unlink()
-    assert len(benchmarks.load_nih(tmp_path)) == 2
+    assert len(eval_datasets.load_nih(tmp_path)) == 2
     assert "skipped 1 of 3" in capsys.readouterr().out
 
 
 def test_a_corrupt_image_names_the_file(tmp_path):
     make_rsna(tmp_path)
-    items = benchmarks.load_rsna(tmp_path, "test_list.txt")
+    items = eval_datasets.load_rsna(tmp_path, "test_list.txt")
     with open(items[0].path, "wb") as f:
         f.write(b"not a png")
     with pytest.raises(ValueError, match=r"cannot read image .*\.png"):
-        benchmarks.ClassificationDataset(items, 16, 1)[0]
+        eval_datasets.ClassificationDataset(items, 16, 1)[0]
 
 
 # ----------------------------------------------------------------------------- command line, end to end
@@ -492,7 +495,7 @@ def test_cli_evaluates_nih_and_writes_metrics_json_and_roc_png(tmp_path, tiny_mo
                     "--n-boot", "20"]) == 0
     results = json.loads((out / "metrics.json").read_text())
     per_class = results["zero_shot"]["per_class"]
-    assert list(per_class) == benchmarks.CLASS_NAMES["nih"] and per_class["cardiomegaly"]["n_pos"] == 1
+    assert list(per_class) == eval_datasets.CLASS_NAMES["nih"] and per_class["cardiomegaly"]["n_pos"] == 1
     assert per_class["hernia"]["auc"] is None  # no positives: undefined, written as null
     assert (out / "roc_curves.png").stat().st_size > 0
     assert "macro" in capsys.readouterr().out
@@ -522,7 +525,7 @@ def test_cli_exits_2_with_a_message_for_a_missing_checkpoint_or_a_wrong_root(tmp
 
 
 def test_json_output_is_atomic_and_strict(tmp_path):
-    ez.write_json({"a": float("nan"), "b": np.float32(0.5), "c": [np.int64(3)]}, tmp_path / "m.json")
+    checkpoint.write_json({"a": float("nan"), "b": np.float32(0.5), "c": [np.int64(3)]}, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": 0.5, "c": [3]}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
@@ -535,7 +538,7 @@ def test_cli_default_run_evaluates_the_synthetic_test_split_on_both_tasks(synthe
                     "--overlays", "3"]) == 0
     results = json.loads((out / "metrics.json").read_text())
     assert list(results["zero_shot"]["per_class"]) == FINDINGS
-    assert results["zero_shot"]["n_images"] == len(benchmarks.load_synthetic(synthetic_root, FINDINGS))
+    assert results["zero_shot"]["n_images"] == len(eval_datasets.load_synthetic(synthetic_root, FINDINGS))
     assert results["grounding"]["n_pairs"] == len(results["grounding"]["pairs"]) > 0
     assert len(list(out.glob("grounding_*.png"))) == min(3, results["grounding"]["n_pairs"])
 
@@ -543,9 +546,9 @@ def test_cli_default_run_evaluates_the_synthetic_test_split_on_both_tasks(synthe
 def test_pairs_whose_box_vanishes_in_the_model_frame_are_counted_not_scored(tmp_path, tiny_model):
     model, tokenizer = tiny_model
     make_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
-    pairs = benchmarks.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
-    speck = benchmarks.GroundingPair(pairs[0].path, "tiny nodule", "Nodule", [(3, 3, 0.2, 0.2)], 25, 30)
-    dataset = benchmarks.GroundingDataset(pairs + [speck], model.cfg.img_size, model.cfg.in_chans)
+    pairs = eval_datasets.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
+    speck = eval_datasets.GroundingPair(pairs[0].path, "tiny nodule", "Nodule", [(3, 3, 0.2, 0.2)], 25, 30)
+    dataset = eval_datasets.GroundingDataset(pairs + [speck], model.cfg.img_size, model.cfg.in_chans)
     result = ez.evaluate_grounding(model, tokenizer, dataset)
     assert result["skipped_empty_boxes"] == 1 and result["n_pairs"] == 3
     assert all(math.isfinite(pair["cnr"]) for pair in result["pairs"])
@@ -557,8 +560,10 @@ class BrightnessOracle(torch.nn.Module):
     def __init__(self, patch_size: int, num_patches: int):
         super().__init__()
         self.patch_size, self.cfg = patch_size, MaCoConfig(max_len=100)
-        self.score_head = torch.nn.Linear(num_patches, 1)
-        torch.nn.init.zeros_(self.score_head.weight)
+        self.correlation_head = torch.nn.Linear(num_patches, 1)
+        torch.nn.init.zeros_(self.correlation_head.weight)
+
+    spatial_prior = MaCo.spatial_prior
 
     def encode_image(self, images):
         brightness = torch.nn.functional.avg_pool2d(images[:, :1], self.patch_size).flatten(1)  # (B, N), row-major
@@ -577,8 +582,8 @@ def test_an_oracle_map_points_into_the_box_through_the_letterboxed_frames(tmp_pa
     path = tmp_path / "files/p19/p19999991/s59999991/image.jpg"
     path.parent.mkdir(parents=True)
     Image.fromarray(pixels).save(path)
-    pair = benchmarks.GroundingPair(str(path), "a bright square", "Mass", [(14, 8, 12, 12)], 40, 30)
-    dataset = benchmarks.GroundingDataset([pair], size=32, in_chans=1)  # r = 0.8, top pad 4: box -> (11, 10, 9, 9)
+    pair = eval_datasets.GroundingPair(str(path), "a bright square", "Mass", [(14, 8, 12, 12)], 40, 30)
+    dataset = eval_datasets.GroundingDataset([pair], size=32, in_chans=1)  # r = 0.8, top pad 4: box -> (11, 10, 9, 9)
     result = ez.evaluate_grounding(BrightnessOracle(4, 64), tokenizer, dataset, out_dir=tmp_path, n_overlays=1)
     (scored,) = result["pairs"]
     assert scored["pointing_game"] == 1.0 and scored["cnr"] > 1.0 and scored["miou"] > 0.2

@@ -1,4 +1,4 @@
-"""The losses against the spec's hand-computed values (maco-method.md sections 6.1 and 6.5)."""
+"""The losses against the hand-computed values of the worked example (docs/method.md §6.1 and §6.5)."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from loss import clip_loss, correlation_weighted_contrastive_loss, reconstruction_loss
 
-# Worked example of spec section 6.5: G = 3 pairs, width 2, N = 4 patches, s = 5.
+# Worked example of docs/method.md §6.5: G = 3 pairs, width 2, N = 4 patches, s = 5.
 IMG = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, -1.0]], dtype=torch.float64)
 TXT = torch.tensor([[4.0, 3.0], [1.0, 1.0], [0.0, -5.0]], dtype=torch.float64)
 VISIBLE = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.float64)
@@ -21,18 +21,18 @@ def worked_example_loss(w, b, scale=5.0):
     return correlation_weighted_contrastive_loss(IMG, TXT, weights, torch.tensor(scale, dtype=torch.float64))
 
 
-def test_worked_example_weights_match_spec():
+def test_worked_example_weights_match_docs():
     weights = F.softplus(VISIBLE @ W + B)
     assert torch.allclose(weights, torch.tensor([0.883382, 1.783901, 1.580509], dtype=torch.float64), atol=1e-6)
 
 
-def test_worked_example_loss_matches_spec():
-    # loss.py computes in float32; the spec's value is float64 rounded to 6 decimals
+def test_worked_example_loss_matches_docs():
+    # loss.py computes in float32; the documented value is float64 rounded to 6 decimals
     assert worked_example_loss(W, B).item() == pytest.approx(0.602858, abs=1e-6)
 
 
-def test_worked_example_four_terms_match_spec():
-    """Each of the four terms, rebuilt from per-row cross-entropies, against the spec's table."""
+def test_worked_example_four_terms_match_docs():
+    """Each of the four terms, rebuilt from per-row cross-entropies, against the table of docs/method.md §6.5."""
     c = F.softplus(VISIBLE @ W + B)
     logits = 5.0 * F.normalize(IMG, dim=1) @ F.normalize(TXT, dim=1).T
     expected_logits = torch.tensor([[4.8, 4.949747, -4.0], [3.0, 3.535534, -5.0], [0.707107, 0.0, 3.535534]],
@@ -48,13 +48,13 @@ def test_worked_example_four_terms_match_spec():
     assert ((t1 + t2 + t3 + t4) / 4).item() == pytest.approx(worked_example_loss(W, B).item(), abs=1e-6)
 
 
-def test_worked_example_at_init_matches_spec():
+def test_worked_example_at_init_matches_docs():
     # at init w = b = 0, so c = ln 2 for every pair, and s = 1/0.03
     loss = worked_example_loss(torch.zeros(4, dtype=torch.float64), 0.0, scale=1 / 0.03)
     assert loss.item() == pytest.approx(1.540282, abs=1e-5)
 
 
-def test_gradients_of_correlation_head_match_spec():
+def test_gradients_of_correlation_head_match_docs():
     w = W.clone().requires_grad_(True)
     b = torch.tensor(B, dtype=torch.float64, requires_grad=True)
     worked_example_loss(w, b).backward()
@@ -82,7 +82,7 @@ def test_weighted_loss_with_unit_weights_equals_clip_loss():
     img, txt, scale = torch.randn(8, 16), torch.randn(8, 16), torch.tensor(7.0)
     weighted = correlation_weighted_contrastive_loss(img, txt, torch.ones(8), scale)
     assert weighted.item() == pytest.approx(clip_loss(img, txt, scale).item(), abs=1e-6)
-    # the spec's pin for the worked example with weighting off
+    # the documented pin for the worked example with weighting off
     assert clip_loss(IMG, TXT, torch.tensor(5.0)).item() == pytest.approx(0.520307, abs=1e-6)
 
 

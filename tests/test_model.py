@@ -1,4 +1,4 @@
-"""Properties of the image encoder, text encoder, tokenizer and the assembled model (maco-method.md sections 2-4, 6)."""
+"""Properties of the image encoder, text encoder, tokenizer and the assembled model (docs/method.md §2-§4, §6)."""
 
 import math
 
@@ -8,7 +8,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from maco import MaCo, MaCoConfig
 from loss import clip_loss
-from text_encoder import TextEncoder, encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
+from text_encoder import TextEncoder
+from tokenizer import encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from vit import VisionTransformer, patchify, random_masking, sincos_2d_pos_embed, unpatchify
 
 REPORTS = ["Heart size is normal. Nodule measures 1.5 cm in the right upper lobe.",
@@ -110,7 +111,7 @@ def test_base_parameter_counts_match_the_paper_shapes():
     text = (30000 + 100 + 2) * 384 + 2 * 384 + 6 * bert_layer + (384 * 768 + 768)
     assert count(model.text_encoder) == text
     assert model.text_encoder.pooler.weight.shape == (768, 384)  # the released checkpoint's pooler (issue #4)
-    assert count(model.image_proj, model.score_head) + 1 == (768 * 768 + 768) + (196 + 1) + 1
+    assert count(model.image_proj, model.correlation_head) + 1 == (768 * 768 + 768) + (196 + 1) + 1
 
 
 # -- text encoder and tokenizer ------------------------------------------------------------------------------
@@ -199,12 +200,12 @@ def test_tiny_forward_and_backward_give_finite_loss_and_gradients_everywhere():
     assert out["pred"].shape == (4, cfg.num_patches, (2 * cfg.patch_size) ** 2 * cfg.in_chans)
     assert torch.allclose(out["loss"], cfg.lam * out["loss_rec"] + (1 - cfg.lam) * out["loss_con"])
     # at init the score head is zero, so every correlation weight is softplus(0) = ln 2
-    assert torch.allclose(out["weights"], torch.full((4,), math.log(2)))
+    assert torch.allclose(out["correlation_weights"], torch.full((4,), math.log(2)))
     out["loss"].backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
-    assert model.score_head.weight.grad.abs().sum() > 0 and model.logit_scale.grad != 0
+    assert model.correlation_head.weight.grad.abs().sum() > 0 and model.logit_scale.grad != 0
 
 
 def test_temperature_is_clamped_at_100_in_the_forward():
@@ -231,7 +232,7 @@ def test_weighting_off_gives_plain_clip_loss_on_the_same_embeddings():
     model = MaCo(cfg)
     images, input_ids, attention_mask = tiny_batch(cfg)
     out = model(images, input_ids, attention_mask, generator=torch.Generator().manual_seed(5))
-    assert torch.all(out["weights"] == 1)
+    assert torch.all(out["correlation_weights"] == 1)
     # rebuild the image embedding from the same mask: the mean of the projected visible tokens
     h, _, _ = model.image_encoder(torch.nn.functional.interpolate(images, size=cfg.img_size, mode="bicubic"),
                                   cfg.mask_ratio, torch.Generator().manual_seed(5))

@@ -1,4 +1,4 @@
-"""The synthetic world (synthetic.py, D13): real MIMIC-CXR-JPG layout and formats (data-formats.md §1, §6),
+"""The synthetic world (synthetic.py, D13): real MIMIC-CXR-JPG layout and formats (docs/datasets.md §1, §6),
 labels that agree with the reports and the images, patient-disjoint splits, determinism by seed."""
 import csv
 import gzip
@@ -15,7 +15,7 @@ from phantom import render_image
 from synthetic import Finding, Study, generate, label_report, sample_study
 
 SIZE = 64
-# Written out here from the spec rather than imported, so that a drifting constant fails the test.
+# Written out here from docs/datasets.md rather than imported, so that a drifting constant fails the test.
 METADATA_HEADER = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,"
                    "StudyDate,StudyTime,ProcedureCodeSequence_CodeMeaning,ViewCodeSequence_CodeMeaning,"
                    "PatientOrientationCodeSequence_CodeMeaning")

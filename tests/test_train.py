@@ -40,7 +40,8 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(synthetic_root, tmp_pat
     run(small_run_args(synthetic_root, tmp_path / "killed", *common, "--stop-after-steps", "5"))
     checkpoint = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 5
-    run(["--resume", str(tmp_path / "killed" / "checkpoint.pt"), "--num-workers", "0", "--no-eval"])
+    run(["--resume", str(tmp_path / "killed" / "checkpoint.pt"), "--out-dir", str(tmp_path / "killed"),
+         "--num-workers", "0", "--no-eval"])
     straight, resumed = logged(tmp_path / "straight"), logged(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     for a, b in zip(straight, resumed):
@@ -62,7 +63,7 @@ def test_mae_init_reports_loaded_and_missing_keys_and_rejects_shape_mismatches(t
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--data", "chexray"], "unknown --data 'chexray'"),
+    (["--data", "chexray"], "--data: invalid choice: 'chexray'"),
     (["--data", "mimic"], "needs --root"),
     (["--data", "mimic", "--root", "no/such/folder"], "no/such/folder"),
     (["--init", "no/such/mae.pth"], "no such file"),

@@ -1,8 +1,9 @@
 """Evaluation sets in their real on-disk formats, for zero-shot classification and phrase grounding.
 
-Formats: spec/data-formats.md §2 (NIH ChestX-ray14), §3 (RSNA Pneumonia), §4 (SIIM-ACR), §5 (CheXpert),
+Formats: docs/datasets.md §2 (NIH ChestX-ray14), §3 (RSNA Pneumonia), §4 (SIIM-ACR), §5 (CheXpert),
 §6 (MS-CXR), and the synthetic world of synthetic.py (MIMIC-CXR-JPG layout, §1; D13), whose test split has
-true labels in synthetic-labels.csv and grounding boxes in an MS-CXR-format CSV. Box and mask conventions: maco-method.md §9.
+true labels in synthetic-labels.csv and grounding boxes in an MS-CXR-format CSV. Box and mask conventions:
+docs/method.md §9.
 
 Every loader returns plain items (an image path plus a label vector, or a phrase with its boxes); the two
 `Dataset` classes at the bottom turn them into model inputs with the shared `data.preprocess_image` (D8).
@@ -10,7 +11,6 @@ Labels are float32 with 1 = positive, 0 = negative and NaN = uncertain, to be ig
 No DICOM reader is a dependency of this project (pydicom is not allowed), so DICOM files must first be
 converted to PNG or JPEG with the same folder layout and file stem.
 """
-import csv
 import math
 import os
 from dataclasses import dataclass
@@ -20,19 +20,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import preprocess_image
-from synthetic import FINDINGS
+from data import MS_CXR_HEADER, check_root, preprocess_image, read_csv
 
 NIH_LABELS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
               "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia"]
 CHEXPERT_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
-# MaCo's CheXpert split files (data-formats.md §5.3): U-Ones for these three, U-Zeros for the other two.
+# MaCo's CheXpert split files (docs/datasets.md §5.3): U-Ones for these three, U-Zeros for the other two.
 CHEXPERT_MACO_UONES = {"Atelectasis", "Edema", "Pleural Effusion"}
-# zero-shot class names (lower-cased for the prompts, maco-method.md §8) in each set's label order
+# zero-shot class names (lower-cased for the prompts, docs/method.md §8) in each set's label order; the synthetic
+# world's come from the header of its synthetic-labels.csv (synthetic_class_names)
 CLASS_NAMES = {"nih": [name.replace("_", " ").lower() for name in NIH_LABELS], "rsna": ["lung opacity"],
-               "siim": ["pneumothorax"], "chexpert": [name.lower() for name in CHEXPERT_LABELS], "synthetic": FINDINGS}
+               "siim": ["pneumothorax"], "chexpert": [name.lower() for name in CHEXPERT_LABELS]}
+SYNTHETIC_LABELS_CSV = "synthetic-labels.csv"
+SYNTHETIC_ID_COLUMNS = ["dicom_id", "subject_id", "study_id", "split", "path"]  # then one 0/1 column per finding
 MS_CXR_CSV = "MS_CXR_Local_Alignment_v1.0.0.csv"
-MS_CXR_HEADER = ["dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -54,21 +55,6 @@ class GroundingPair:
 
 
 # ----------------------------------------------------------------------------- file helpers
-
-def _read_csv(path, required: list[str], expected: str) -> tuple[list[str], list[list[str]]]:
-    """Rows of a CSV whose stripped header contains `required`, else a ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (expected a CSV with header: {expected})")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    header = [name.strip() for name in rows[0]] if rows else []
-    missing = [name for name in required if name not in header]
-    if missing:
-        raise ValueError(f"{path}: unexpected header {','.join(rows[0]) if rows else '(empty file)'!r}; "
-                         f"missing column(s) {missing}. Expected header: {expected}")
-    return header, [row for row in rows[1:] if any(cell.strip() for cell in row)]
-
 
 def _read_list(path) -> list[list[str]]:
     """A whitespace-separated split list (CRLF, trailing spaces and no final newline are all tolerated)."""
@@ -110,31 +96,23 @@ def _keep_existing(items: list, source: str) -> list:
     return kept
 
 
-def _check_root(root) -> Path:
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} is not a directory")
-    return root
-
-
 # ----------------------------------------------------------------------------- zero-shot classification sets
 
 def load_nih(root, split_file: str = "test_list.txt", image_dir: str | None = None) -> list[LabelledImage]:
     """NIH ChestX-ray14 (§2). `split_file` lines are `<name>` (official lists) or `<name> <14 ints>` (MaCo's
     lists, whose labels are used as given); names without labels take theirs from Data_Entry_2017*.csv."""
-    root = _check_root(root)
+    root = check_root(root, "NIH ChestX-ray14")
     lines = _read_list(root / split_file)
     labels_by_name = {}
     if any(len(line) != 1 + len(NIH_LABELS) for line in lines):
         csv_path = next((root / n for n in ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv") if (root / n).is_file()),
                         root / "Data_Entry_2017_v2020.csv")
-        header, rows = _read_csv(csv_path, ["Image Index", "Finding Labels"],
-                                 "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
-                                 "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
-        name_col, finding_col = header.index("Image Index"), header.index("Finding Labels")
+        rows = read_csv(csv_path, ["Image Index", "Finding Labels"],
+                        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+                        "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
         for row in rows:
-            findings = set(row[finding_col].split("|"))
-            labels_by_name[row[name_col]] = [float(label in findings) for label in NIH_LABELS]
+            findings = set(row["Finding Labels"].split("|"))
+            labels_by_name[row["Image Index"]] = [float(label in findings) for label in NIH_LABELS]
     if image_dir is None:  # MaCo uses one flat folder; the NIH archives unpack into images/
         first = lines[0][0]
         image_dir = next((d for d in ("images", "images/images_all", "images_all", ".") if (root / d / first).is_file()),
@@ -156,15 +134,13 @@ def load_nih(root, split_file: str = "test_list.txt", image_dir: str | None = No
 def load_rsna(root, split_file: str | None = "test_list.txt") -> list[LabelledImage]:
     """RSNA Pneumonia (§3), one class (Lung Opacity). MaCo's split lines are `<relpath.dcm> <Target>`; without a
     split list every patient of stage_2_train_labels.csv is used. Images: the same path as PNG or JPEG."""
-    root = _check_root(root)
+    root = check_root(root, "RSNA Pneumonia")
     targets = {}
     lines = _read_list(Path(root, split_file)) if split_file else None
     if lines is None or any(len(line) < 2 for line in lines):
-        header, rows = _read_csv(root / "stage_2_train_labels.csv", ["patientId", "Target"],
-                                 "patientId,x,y,width,height,Target")
-        pid_col, target_col = header.index("patientId"), header.index("Target")
+        rows = read_csv(root / "stage_2_train_labels.csv", ["patientId", "Target"], "patientId,x,y,width,height,Target")
         for row in rows:  # one row per box: a patient is positive if any row is
-            targets[row[pid_col]] = max(targets.get(row[pid_col], 0.0), float(row[target_col]))
+            targets[row["patientId"]] = max(targets.get(row["patientId"], 0.0), float(row["Target"]))
     if lines is None:
         lines = [[f"stage_2_train_images/{pid}.dcm"] for pid in targets]
     items = []
@@ -206,15 +182,13 @@ def rle_encode(mask: np.ndarray) -> str:
 def load_siim(root, split_file: str | None = None) -> list[LabelledImage]:
     """SIIM-ACR Pneumothorax (§4): label = any mask region in train-rle.csv; images found anywhere under `root`
     by their ImageId stem (the real tree nests Study/Series/SOP). `split_file`: one ImageId per line."""
-    root = _check_root(root)
-    header, rows = _read_csv(root / "train-rle.csv", ["ImageId", "EncodedPixels"], "ImageId, EncodedPixels")
-    id_col, rle_col = header.index("ImageId"), header.index("EncodedPixels")
+    root = check_root(root, "SIIM-ACR")
     rles = {}  # several rows per image, one per region; values may carry a leading space
-    for row in rows:
-        rle = row[rle_col].strip()
-        rles.setdefault(row[id_col].strip(), [])
+    for row in read_csv(root / "train-rle.csv", ["ImageId", "EncodedPixels"], "ImageId, EncodedPixels"):
+        rle = row["EncodedPixels"].strip()
+        rles.setdefault(row["ImageId"].strip(), [])
         if rle != "-1":
-            rles[row[id_col].strip()].append(rle)
+            rles[row["ImageId"].strip()].append(rle)
     ids = [line[0] for line in _read_list(Path(root, split_file))] if split_file else list(rles)
     files, dicoms = {}, {}
     for folder, _, names in os.walk(root):
@@ -247,42 +221,54 @@ def load_chexpert(root, split: str = "valid", uncertain: str = "maco", frontal_o
     the others (MaCo's split files), 'ones', 'zeros' or 'ignore' (NaN); blank -> 0."""
     if uncertain not in ("maco", "ones", "zeros", "ignore"):
         raise ValueError(f"uncertain policy {uncertain!r}: expected maco, ones, zeros or ignore")
-    root = _check_root(root)
+    root = check_root(root, "CheXpert")
     folder = next((d for d in (root, root / "CheXpert-v1.0-small", root / "CheXpert-v1.0") if (d / f"{split}.csv").is_file()),
                   root)
-    header, rows = _read_csv(folder / f"{split}.csv", ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS,
+    rows = read_csv(folder / f"{split}.csv", ["Path", "Frontal/Lateral"] + CHEXPERT_LABELS,
                              "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
                              "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
                              "Pleural Effusion,Pleural Other,Fracture,Support Devices")
     items = []
     for row in rows:
-        if frontal_only and row[header.index("Frontal/Lateral")] != "Frontal":
+        if frontal_only and row["Frontal/Lateral"] != "Frontal":
             continue
         labels = []
         for name in CHEXPERT_LABELS:
-            value = float(row[header.index(name)] or 0.0)
+            value = float(row[name] or 0.0)
             if value == -1.0:
                 ones = uncertain == "ones" or (uncertain == "maco" and name in CHEXPERT_MACO_UONES)
                 value = float("nan") if uncertain == "ignore" else float(ones)
             labels.append(value)
         # `Path` starts with the dataset folder's own name (CheXpert-v1.0-small/...): resolve it inside `folder`
-        path = folder / Path(*Path(row[header.index("Path")]).parts[1:])
+        path = folder / Path(*Path(row["Path"]).parts[1:])
         items.append(LabelledImage(str(path) if path.is_file() else None, np.array(labels, np.float32)))
     return _keep_existing(items, f"CheXpert {folder / f'{split}.csv'}")
 
 
-def load_synthetic(root, class_names: list[str], split: str = "test") -> list[LabelledImage]:
-    """The synthetic world's (D13) images of one split with their true findings from synthetic-labels.csv
-    (0/1 per name in synthetic.FINDINGS; the CheXpert CSV cannot tell a nodule from a mass)."""
-    root = _check_root(root)
-    header, rows = _read_csv(root / "synthetic-labels.csv", ["dicom_id", "split", "path"] + class_names,
-                             "dicom_id,subject_id,study_id,split,path," + ",".join(class_names))
-    split_col, path_col = header.index("split"), header.index("path")
-    items = [LabelledImage(str(root / row[path_col]) if (root / row[path_col]).is_file() else None,
-                           np.array([float(row[header.index(name)]) for name in class_names], np.float32))
-             for row in rows if row[split_col] == split]
+def synthetic_class_names(root) -> list[str]:
+    """The finding names of a synthetic world, in order: the columns of its synthetic-labels.csv after the ids."""
+    path = Path(root) / SYNTHETIC_LABELS_CSV
+    header = next(read_csv(path, SYNTHETIC_ID_COLUMNS), None)
+    if header is None:
+        raise ValueError(f"{path} has no rows; regenerate the world with `python synthetic.py`")
+    names = [name for name in header if name not in SYNTHETIC_ID_COLUMNS]
+    if not names:
+        raise ValueError(f"{path} has no finding columns after {','.join(SYNTHETIC_ID_COLUMNS)}")
+    return names
+
+
+def load_synthetic(root, class_names: list[str] | None = None, split: str = "test") -> list[LabelledImage]:
+    """The synthetic world's (D13) images of one split with their true findings from synthetic-labels.csv (0/1
+    per finding; the CheXpert CSV cannot tell a nodule from a mass). class_names: default every finding column."""
+    root = check_root(root, "synthetic world")
+    class_names = class_names or synthetic_class_names(root)
+    rows = read_csv(root / SYNTHETIC_LABELS_CSV, ["split", "path"] + class_names,
+                    ",".join(SYNTHETIC_ID_COLUMNS + class_names))
+    items = [LabelledImage(str(root / row["path"]) if (root / row["path"]).is_file() else None,
+                           np.array([float(row[name]) for name in class_names], np.float32))
+             for row in rows if row["split"] == split]
     if not items:
-        raise ValueError(f"{root / 'synthetic-labels.csv'}: no images in split {split!r} (expected train, validate or test)")
+        raise ValueError(f"{root / SYNTHETIC_LABELS_CSV}: no images in split {split!r} (expected train, validate or test)")
     return _keep_existing(items, f"synthetic {root}")
 
 
@@ -291,19 +277,17 @@ def load_synthetic(root, class_names: list[str], split: str = "test") -> list[La
 def load_ms_cxr(csv_path, image_root) -> list[GroundingPair]:
     """MS-CXR CSV (§6.2): one row per box; rows are grouped into (image, lower-cased phrase) pairs (§9).
     `image_root` is the MIMIC-CXR-JPG folder that holds `files/` (the CSV's `path` starts with files/)."""
-    csv_path, image_root = Path(csv_path), _check_root(image_root)
+    csv_path, image_root = Path(csv_path), check_root(image_root, "MIMIC-CXR-JPG (the MS-CXR images)")
     if csv_path.is_dir():
         csv_path = csv_path / MS_CXR_CSV
-    header, rows = _read_csv(csv_path, MS_CXR_HEADER, ",".join(MS_CXR_HEADER) + "[,split]")
-    col = {name: header.index(name) for name in MS_CXR_HEADER}
     pairs = {}
-    for row in rows:
-        key = (row[col["path"]], row[col["label_text"]].strip().lower())
+    for row in read_csv(csv_path, MS_CXR_HEADER, ",".join(MS_CXR_HEADER) + "[,split]"):
+        key = (row["path"], row["label_text"].strip().lower())
         if key not in pairs:
-            path = image_root / row[col["path"]]
-            pairs[key] = GroundingPair(str(path) if path.is_file() else None, row[col["label_text"]].strip(),
-                                       row[col["category_name"]], [], int(row[col["image_width"]]), int(row[col["image_height"]]))
-        pairs[key].boxes.append(tuple(float(row[col[k]]) for k in ("x", "y", "w", "h")))
+            path = image_root / row["path"]
+            pairs[key] = GroundingPair(str(path) if path.is_file() else None, row["label_text"].strip(),
+                                       row["category_name"], [], int(row["image_width"]), int(row["image_height"]))
+        pairs[key].boxes.append(tuple(float(row[k]) for k in ("x", "y", "w", "h")))
     return _keep_existing(list(pairs.values()), f"MS-CXR {csv_path}")
 
 
@@ -378,9 +362,10 @@ def load_benchmark(name: str, root, size: int, in_chans: int, split_file: str = 
                    uncertain: str = "maco", mimic_root: str = "", limit: int | None = None):
     """The evaluation set `name` as model inputs of side `size`: (zero-shot task (ClassificationDataset, class
     names, prompt set) or None, GroundingDataset or None). Empty strings select each set's default."""
-    root, items, grounding = Path(root), None, None
+    root, items, grounding, class_names = Path(root), None, None, CLASS_NAMES.get(name)
     if name == "synthetic":  # its test split has both tasks
-        items = load_synthetic(root, CLASS_NAMES[name], split or "test")
+        class_names = synthetic_class_names(root)
+        items = load_synthetic(root, class_names, split or "test")
         grounding = load_ms_cxr(root / MS_CXR_CSV, root)
     elif name == "nih":
         items = load_nih(root, split_file or "test_list.txt")
@@ -396,6 +381,6 @@ def load_benchmark(name: str, root, size: int, in_chans: int, split_file: str = 
         grounding = load_ms_cxr(root, mimic_root)
     else:
         raise ValueError(f"--data {name!r}: expected synthetic, nih, rsna, siim, chexpert or ms-cxr")
-    zero_shot = None if items is None else (ClassificationDataset(items[:limit], size, in_chans), CLASS_NAMES[name],
+    zero_shot = None if items is None else (ClassificationDataset(items[:limit], size, in_chans), class_names,
                                             "siim" if name == "siim" else "default")
     return zero_shot, None if grounding is None else GroundingDataset(grounding[:limit], size, in_chans)
