@@ -11,31 +11,34 @@ on a GPU whose peak is known the model FLOPs utilisation (MFU) is printed too.
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import parse_config
+from cli import check_options, option, run_script
 from devices import autocast, pick_device, uses_bf16
-from maco import MaCo, MaCoConfig
+from maco import PRESETS, MaCo, MaCoConfig
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
 
 
 @dataclass
 class BenchConfig:
-    preset: str = field(default="tiny", metadata={"help": "model preset: tiny | base"})
-    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
-    text_len: int = field(default=100, metadata={"help": "report tokens per pair (padded length)"})
-    steps: int = field(default=10, metadata={"help": "timed steps"})
-    warmup: int = field(default=2, metadata={"help": "untimed steps first"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    loader: bool = field(default=False, metadata={"help": "benchmark the training DataLoader instead of the step"})
-    root: str = field(default="data/synthetic", metadata={"help": "--loader: dataset root (MIMIC-CXR-JPG layout)"})
-    cache: str = field(default="", metadata={"help": "--loader: image cache folder ('' = read the image files)"})
-    num_workers: int = field(default=2, metadata={"help": "--loader: DataLoader workers"})
+    preset: str = option("tiny", "model preset", choices=tuple(PRESETS))
+    batch_size: int = option(32, "pairs per step", minimum=1)
+    text_len: int = option(100, "report tokens per pair (padded length, at most the preset's max_len)", minimum=1)
+    steps: int = option(10, "timed steps", minimum=1)
+    warmup: int = option(2, "untimed steps first", minimum=0)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    compile: bool = option(False, "torch.compile the model")
+    loader: bool = option(False, "benchmark the training DataLoader instead of the step")
+    root: str = option("data/synthetic", "--loader: dataset root (MIMIC-CXR-JPG layout)")
+    cache: str = option("", "--loader: image cache folder ('' = read the image files)")
+    num_workers: int = option(2, "--loader: DataLoader workers", minimum=0)
+
+    def __post_init__(self):
+        check_options(self)
 
 
 def bench_step(cfg: BenchConfig, device: torch.device) -> dict:
@@ -101,19 +104,17 @@ def bench_loader(cfg: BenchConfig) -> dict:
     return {"images_per_s": images / (time.perf_counter() - start), "image_side": model_cfg.input_size}
 
 
-def main(argv=None) -> int:
-    cfg = parse_config(BenchConfig, argv, __doc__)
-    try:
-        device = pick_device(cfg.device)
-        result = bench_loader(cfg) if cfg.loader else bench_step(cfg, device)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def run_bench(cfg: BenchConfig) -> None:
+    device = pick_device(cfg.device)
+    result = bench_loader(cfg) if cfg.loader else bench_step(cfg, device)
     what = f"loader ({cfg.num_workers} workers, cache: {cfg.cache or 'none'})" if cfg.loader else "training step"
     print(f"{what}: preset {cfg.preset}, batch {cfg.batch_size}, device {device}, {torch.get_num_threads()} threads")
     for key, value in result.items():
         print(f"  {key:>18}: {value:.4g}" if isinstance(value, float) else f"  {key:>18}: {value}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_script(BenchConfig, run_bench, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ up in the dict (train.py's model settings: `--img-size 96` overrides the preset'
 import argparse
 import dataclasses
 import math
+import sys
 import typing
 
 
@@ -104,11 +105,12 @@ def build_parser(cls, description: str = "", extra_positional: list[str] | None 
     return parser
 
 
-def parse_config(cls, argv=None, description: str = ""):
+def parse_config(cls, argv=None, description: str = "", commands: list[str] | None = None):
     """Parse argv (None = sys.argv) into an instance of the dataclass `cls`; bad values exit with a message
-    naming the flag (argparse's exit code 2)."""
-    parser = build_parser(cls, description)
+    naming the flag (argparse's exit code 2). `commands`: a required first word (e.g. `data.py cache`)."""
+    parser = build_parser(cls, description, commands)
     arguments = vars(parser.parse_args(argv))
+    arguments.pop("command", None)
     values = {}
     for spec in dataclasses.fields(cls):
         if "config_class" in spec.metadata:
@@ -137,3 +139,16 @@ def given_flags(config, argv: list[str] | None = None) -> set[str]:
         if "config_class" in spec.metadata and named - given:
             given.add(spec.name)
     return given
+
+
+def run_script(cls, body, argv=None, description: str = "", commands: list[str] | None = None,
+               errors: tuple = (FileNotFoundError, ValueError)) -> int:
+    """A script's main: parse argv into `cls`, call body(config) and return its exit code (None = 0). A bad flag
+    or one of `errors` prints `error: <message>` (no traceback) and returns 2; --help returns 0."""
+    try:
+        return body(parse_config(cls, argv, description, commands)) or 0
+    except SystemExit as exit:  # argparse has printed the usage and the message
+        return exit.code
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -26,8 +26,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from checkpoint import write_atomic
-from cli import build_parser
+from checkpoint import check_writable, write_atomic
+from cli import check_options, option, run_script
 from tokenizer import encode_texts
 
 IMAGE_MEAN = 0.4978  # D8: pixel statistics of the released pre-training, images scaled to [0, 1]
@@ -306,14 +306,27 @@ class ImageReportDataset(Dataset):
             print(f"cache {cache}: {done} of {len(self.items)} images cached; the rest are read from their files")
 
 
-def _mimic_reports(root: Path, studies, report_source, sections) -> tuple[dict[str, str], int]:
-    """study_id -> report text for the (subject_id, study_id) pairs, and how many had no report at all."""
-    reports = {}
+def read_report(path: Path) -> tuple[str, bool]:
+    """The text of a report file and whether it was not UTF-8: such files are decoded as Latin-1 (every byte is a
+    character there, so nothing is replaced or lost; MIMIC's reports are ASCII, edited copies sometimes are not)."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("latin-1"), True
+
+
+def _mimic_reports(root: Path, studies, report_source, sections) -> tuple[dict[str, str], int, int]:
+    """study_id -> report text for the (subject_id, study_id) pairs, how many had no report at all, and how
+    many report files were decoded as Latin-1."""
+    reports, latin1 = {}, 0
     if report_source == "txt":
         for subject, study in studies:
             path = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
             if path.exists():
-                reports[study] = compose_report(parse_report_sections(path.read_text(errors="replace")), sections)
+                text, not_utf8 = read_report(path)
+                latin1 += not_utf8
+                reports[study] = compose_report(parse_report_sections(text), sections)
     else:
         source = Path(report_source)
         if not source.exists():
@@ -323,7 +336,7 @@ def _mimic_reports(root: Path, studies, report_source, sections) -> tuple[dict[s
         for row in read_csv(source, SECTIONED_COLUMNS):
             if row["study"][1:] in wanted:  # "s59999991" -> "59999991"
                 reports[row["study"][1:]] = compose_report(row, sections)
-    return reports, len(studies) - len(reports)
+    return reports, len(studies) - len(reports), latin1
 
 
 class MimicCXR(ImageReportDataset):
@@ -346,18 +359,22 @@ class MimicCXR(ImageReportDataset):
             raise ValueError(f"unknown report sections {sorted(unknown)}; choose from {REPORT_SECTIONS}")
         split_of = {row["dicom_id"]: row["split"]
                     for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-split.csv"), SPLIT_COLUMNS)}
-        images = [(row["dicom_id"], row["subject_id"], row["study_id"])
-                  for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)
-                  if row["ViewPosition"] in views and split in (None, split_of.get(row["dicom_id"], "unlisted"))]
+        rows = [row for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)
+                if row["ViewPosition"] in views]
+        unlisted = sum(row["dicom_id"] not in split_of for row in rows)  # no split row: in no split
+        images = [(row["dicom_id"], row["subject_id"], row["study_id"]) for row in rows
+                  if split is None or split_of.get(row["dicom_id"]) == split]
         studies = dict.fromkeys((subject, study) for _, subject, study in images)
-        reports, no_report = _mimic_reports(root, studies, report_source, sections)
+        reports, no_report, latin1 = _mimic_reports(root, studies, report_source, sections)
         reports = {study: text for study, text in reports.items() if report_sentences(text)}
         empty = len(studies) - no_report - len(reports)
         items = [(dicom, str(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"),
                   study) for dicom, subject, study in images if study in reports]
-        self.skipped = {"empty_report": empty, "no_report": no_report}
+        self.skipped = {"empty_report": empty, "no_report": no_report, "no_split_row": unlisted if split else 0}
         print(f"MimicCXR({split}): {len(items)} images of views {'/'.join(views)}; skipped {empty} studies with "
-              f"an empty report and {no_report} without a report ({report_source})")
+              f"an empty report and {no_report} without a report ({report_source})"
+              + (f"; {unlisted} images have no row in the split file (in no split)" if unlisted and split else "")
+              + (f"; {latin1} report files were not UTF-8 and were read as Latin-1" if latin1 else ""))
         super().__init__(items, reports, image_size, in_chans, resize,
                          split == "train" if augment is None else augment, cache, seed)
 
@@ -494,33 +511,33 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
 
 @dataclasses.dataclass
 class CacheConfig:
-    data: str = dataclasses.field(default="mimic", metadata={"help": "dataset layout: mimic or openi"})
-    root: str = dataclasses.field(default="data/synthetic", metadata={"help": "dataset root folder"})
-    size: int = dataclasses.field(default=448, metadata={"help": "side S of the cached square images"})
-    out: str = dataclasses.field(default="", metadata={"help": "cache folder; empty = <root>/cache-<size>"})
-    resize: str = dataclasses.field(default="letterbox", metadata={"help": "letterbox (pad) or crop"})
-    chunk_size: int = dataclasses.field(default=256, metadata={"help": "images per flushed chunk"})
-    workers: int = dataclasses.field(default=2, metadata={"help": "image decoding processes"})
+    data: str = option("mimic", "dataset layout", choices=("mimic", "openi"))
+    root: str = option("data/synthetic", "dataset root folder")
+    size: int = option(448, "side S of the cached square images: the model's training input (base 448; tiny 128 "
+                            "with the super-resolution target)", minimum=8)
+    out: str = option("", "cache folder; empty = <root>/cache-<size>, which train.py finds by itself")
+    resize: str = option("letterbox", "letterbox (pad) or crop", choices=RESIZE_MODES)
+    chunk_size: int = option(256, "images per flushed chunk", minimum=1)
+    workers: int = option(2, "image decoding processes", minimum=0)
+
+    def __post_init__(self):
+        check_options(self)
 
 
-def main(argv=None):
-    arguments = vars(build_parser(CacheConfig, "Resize every image of a dataset once into a uint8 memory map that "
-                                             "training reads (resumable: re-run to continue).", ["cache"])
-                     .parse_args(argv))
-    config = CacheConfig(**{name: value for name, value in arguments.items() if name != "command"})
-    try:
-        if config.data not in ("mimic", "openi") or config.resize not in RESIZE_MODES:
-            raise ValueError(f"--data must be mimic or openi and --resize one of {RESIZE_MODES}")
-        if config.data == "mimic":
-            dataset = MimicCXR(config.root, split=None, image_size=config.size, resize=config.resize)
-        else:
-            dataset = OpenI(config.root, image_size=config.size, resize=config.resize)
-        build_cache(dataset, config.out or Path(config.root) / f"cache-{config.size}", config.chunk_size,
-                    config.workers)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+def cache_command(config: CacheConfig) -> None:
+    if config.data == "mimic":
+        dataset = MimicCXR(config.root, split=None, image_size=config.size, resize=config.resize)
+    else:
+        dataset = OpenI(config.root, image_size=config.size, resize=config.resize)
+    out = config.out or Path(config.root) / f"cache-{config.size}"
+    build_cache(dataset, check_writable(out, "cache folder (pass --out to put it elsewhere)"), config.chunk_size,
+                config.workers)
+
+
+def main(argv=None) -> int:
+    return run_script(CacheConfig, cache_command, argv, "Resize every image of a dataset once into a uint8 memory map "
+                      "that training reads (resumable: re-run to continue).", commands=["cache"])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from cli import parse_config
+from cli import check_options, option, run_script
 from data import MS_CXR_HEADER, split_sentences
 from phantom import FINDINGS, render_image
 
@@ -438,22 +438,20 @@ def generate(out_dir, studies: int, seed: int, image_size: int = 256, workers: i
 
 @dataclass
 class SyntheticConfig:
-    out: str = field(default="data/synthetic", metadata={"help": "output folder (must not exist, or be empty)"})
-    studies: int = field(default=6000, metadata={"help": "number of studies, one frontal image each"})
-    seed: int = field(default=0, metadata={"help": "random seed; the same seed writes identical files"})
-    image_size: int = field(default=256, metadata={"help": "side of the square images in pixels, e.g. 448"})
-    workers: int = field(default=2, metadata={"help": "worker processes (1: all in this process)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a synthetic world already at --out"})
+    out: str = option("data/synthetic", "output folder (must not exist, or be empty)")
+    studies: int = option(6000, "number of studies, one frontal image each", minimum=1)
+    seed: int = option(0, "random seed; the same seed writes identical files", minimum=0)
+    image_size: int = option(256, "side of the square images in pixels, e.g. 448", minimum=32)
+    workers: int = option(2, "worker processes (1: all in this process)", minimum=1)
+    overwrite: bool = option(False, "replace a synthetic world already at --out")
+
+    def __post_init__(self):
+        check_options(self)
 
 
 def main(argv=None) -> int:
-    config = parse_config(SyntheticConfig, argv, __doc__)
-    try:
-        generate(config.out, config.studies, config.seed, config.image_size, config.workers, config.overwrite)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(SyntheticConfig, lambda c: generate(c.out, c.studies, c.seed, c.image_size, c.workers,
+                                                          c.overwrite) and 0, argv, __doc__, errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

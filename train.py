@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
-from cli import check_options, given_flags, option, overrides, parse_config
+from cli import check_options, check_value, given_flags, option, overrides, run_script
 from data import Collate, MimicCXR, OpenI
 from devices import autocast, setup_distributed, uses_bf16
 from maco import PRESETS, MaCo, MaCoConfig, load_mae_encoder
@@ -40,6 +40,7 @@ RECIPES = {
     "mimic": dict(root="", preset="base", epochs=51, batch_size=512, lr=2.5e-4, warmup_epochs=2),
     "openi": dict(root="", preset="base", epochs=51, batch_size=512, lr=2.5e-4, warmup_epochs=2),
 }
+MAX_EMPTY_STEPS = 10  # consecutive steps without one readable image: the data is broken, stop
 RESUME_KEYS = ("model", "model_config", "train_config", "tokenizer", "optimizer", "step")
 # settings a resumed run takes from the command line; the intervals only if given (and printed); all others
 # come from the checkpoint
@@ -88,9 +89,12 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
-        unknown = set(self.model) - {spec.name for spec in dataclasses.fields(MaCoConfig)}
+        model_fields = {spec.name: spec for spec in dataclasses.fields(MaCoConfig)}
+        unknown = set(self.model) - set(model_fields)
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}")
+        for name, value in self.model.items():
+            check_value(model_fields[name], value)
 
 
 class TrainingError(RuntimeError):
@@ -206,10 +210,10 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     if checkpoint:
         cfg = resume_config(cfg, checkpoint, given)
     cfg = resolve(cfg)
-    rank, world, device = setup_distributed(cfg.device)
-    out_dir = prepare_out_dir(cfg, rank == 0, checkpoint["step"] if checkpoint else None)
     model_cfg = (MaCoConfig(**checkpoint["model_config"]) if checkpoint
                  else MaCoConfig.preset(cfg.preset, **cfg.model))
+    rank, world, device = setup_distributed(cfg.device)
+    out_dir = prepare_out_dir(cfg, rank == 0, checkpoint["step"] if checkpoint else None)
     dataset = build_dataset(cfg, model_cfg, rank == 0)
     if checkpoint:
         tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
@@ -366,22 +370,24 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     run = setup(cfg, given if given is not None else given_flags(cfg))
     ckpt_path, log_path = run.out_dir / "checkpoint.pt", run.out_dir / "log.jsonl"
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, checked at log time only
-    last, skipped, window_images, window_start = {}, 0, 0, time.time()
+    done, last, last_out, skipped, empty_steps, window_images, window_start = run.start_step, {}, None, 0, 0, 0, time.time()
     progress = tqdm(total=run.total_steps, initial=run.start_step, disable=not run.is_main, dynamic_ncols=True)
     run.model.train()
     for step, batches in step_batches(run):
         result = train_step(run, step, batches)
         skipped, window_images = skipped + result["skipped"], window_images + result["images"]
+        empty_steps = 0 if result["images"] else empty_steps + 1
+        if empty_steps == MAX_EMPTY_STEPS:
+            raise TrainingError(f"no image could be read in {empty_steps} consecutive steps ({skipped} skipped so "
+                                f"far); check the image files under {run.cfg.root}")
         if result["out"] is not None:
             loss = result["out"]["loss"].detach()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
             last_out = result["out"]
         done = step + 1
         progress.update(1)
-        if done % run.cfg.log_interval == 0 or done % run.cfg.ckpt_interval == 0 or done == run.stop_step:
-            if window_images == 0:
-                raise TrainingError(f"no image could be read for {done - last.get('step', run.start_step)} steps "
-                                    f"({skipped} skipped so far); check the image files under {run.cfg.root}")
+        at_log = done % run.cfg.log_interval == 0 or done % run.cfg.ckpt_interval == 0 or done == run.stop_step
+        if at_log and last_out is not None:  # (nothing to log before the first readable batch)
             if bad_step.item() >= 0:  # the one host sync of the step, at logging time
                 kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
                 raise TrainingError(f"the loss became non-finite at step {bad_step.item()}; stopped at step {done}; {kept}")
@@ -397,7 +403,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     if run.is_main and log_path.exists():
         plot_losses(log_path, run.out_dir / "loss.png")
     result = {"checkpoint": str(ckpt_path), "log": str(log_path), "plot": str(run.out_dir / "loss.png"),
-              "step": last.get("step", run.start_step), "last": last, "skipped": skipped}
+              "step": done, "last": last, "skipped": skipped}
     if run.is_main and run.cfg.eval and run.cfg.data == "synthetic" and result["step"] == run.total_steps:
         result["eval"] = evaluate_at_end(run)
     if run.world > 1:
@@ -405,24 +411,20 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    start = time.time()
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = parse_config(TrainConfig, argv, __doc__)
-        result = train(cfg, given_flags(cfg, argv))
-    except SystemExit as exit:  # argparse: --help, or a bad flag (its message is printed)
-        return exit.code
-    except (FileNotFoundError, ValueError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def print_summary(result: dict, seconds: float) -> None:
     if result["last"]:
-        print(f"step {result['step']}: loss {result['last']['loss']:.4f} (rec {result['last']['loss_rec']:.4f}, "
-              f"con {result['last']['loss_con']:.4f}); {time.time() - start:.0f} s")
+        last = result["last"]
+        print(f"step {result['step']}: loss {last['loss']:.4f} (rec {last['loss_rec']:.4f}, con {last['loss_con']:.4f}); "
+              f"{seconds:.0f} s; {result['skipped']} unreadable image(s) skipped")
     print(f"checkpoint: {result['checkpoint']}\nlog: {result['log']}\nloss curve: {result['plot']}")
     if "eval" in result:
         print(f"evaluation: {Path(result['checkpoint']).parent / 'eval'}")
-    return 0
+
+
+def main(argv=None) -> int:
+    argv, start = (sys.argv[1:] if argv is None else argv), time.time()
+    return run_script(TrainConfig, lambda cfg: print_summary(train(cfg, given_flags(cfg, argv)), time.time() - start),
+                      argv, __doc__, errors=(FileNotFoundError, ValueError, TrainingError))
 
 
 if __name__ == "__main__":

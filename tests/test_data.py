@@ -478,6 +478,26 @@ def test_wrong_split_section_or_resize_name_says_what_is_allowed(mimic):
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        data.main(["cache", "--root", str(tmp_path / "nowhere")])
-    assert exit_info.value.code == 2 and "nowhere" in capsys.readouterr().err
+    assert data.main(["cache", "--root", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_a_report_that_is_not_utf8_is_read_as_latin1_and_counted(mimic, capsys):
+    root, _ = mimic
+    report = root / "files" / "p19" / "p19999993" / "s59999994.txt"
+    report.write_bytes(report.read_bytes().replace(b"pneumonia", b"pneumonia (r\xe9sum\xe9)"))
+    dataset = data.MimicCXR(root, split="test", image_size=16)
+    assert "1 report files were not UTF-8 and were read as Latin-1" in capsys.readouterr().out
+    assert "pneumonia (résumé)" in dataset.reports["59999994"] and "\ufffd" not in dataset.reports["59999994"]
+
+
+def test_images_without_a_split_row_are_counted_in_the_summary(mimic, capsys):
+    root, _ = mimic
+    before = len(data.MimicCXR(root, split="train", image_size=16)), len(data.MimicCXR(root, split=None, image_size=16))
+    rows = [line.split(",") for line in gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "rt").read().split()]
+    write_csv_gz(root / "mimic-cxr-2.0.0-split.csv.gz", ",".join(rows[0]), rows[2:])  # the first image's row lost
+    capsys.readouterr()
+    train = data.MimicCXR(root, split="train", image_size=16)
+    assert "1 images have no row in the split file (in no split)" in capsys.readouterr().out
+    assert train.skipped["no_split_row"] == 1 and len(train) == before[0] - 1  # a frontal train image
+    assert len(data.MimicCXR(root, split=None, image_size=16)) == before[1]  # the cache (every split) keeps it

@@ -1,6 +1,8 @@
 """train.py: learning, exact resumption, the MAE init report, and clear errors for bad input."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +98,94 @@ def test_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(
     assert "non-finite at step" in error and "last good checkpoint" in error
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reliability: unreadable images, output folders, resuming
+
+def copy_world(source, target, images: str):
+    """A copy of the synthetic world whose JPEGs are kept, deleted ("missing") or overwritten ("corrupt")."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.jpg") if images == "missing" else None)
+    if images == "corrupt":
+        for path in target.rglob("*.jpg"):
+            path.write_bytes(b"not a jpeg")
+    return target
+
+
+def test_a_world_without_any_image_file_stops_at_once_with_a_clear_error(synthetic_root, tmp_path, capsys):
+    root = copy_world(synthetic_root, tmp_path / "world", "missing")
+    argv = ["--data", "mimic", "--root", str(root), "--preset", "tiny", "--epochs", "1", "--batch-size", "16",
+            "--num-workers", "0", "--out-dir", str(tmp_path / "run")]
+    assert train.main(argv) == 2
+    assert "none of the 133 images of this selection exists" in capsys.readouterr().err
+
+
+def test_a_world_whose_images_are_all_unreadable_stops_after_a_few_steps(synthetic_root, tmp_path, capsys):
+    root = copy_world(synthetic_root, tmp_path / "world", "corrupt")
+    assert train.main(small_run_args(root, tmp_path / "run", "--epochs", "1")) == 2
+    assert "no image could be read in 10 consecutive steps (80 skipped so far)" in capsys.readouterr().err
+
+
+def test_unreadable_images_are_skipped_once_each_and_every_step_advances(synthetic_root, tmp_path):
+    root = copy_world(synthetic_root, tmp_path / "world", "keep")
+    dataset = train.MimicCXR(root, split="train", image_size=128, in_chans=1)
+    order = train.epoch_indices(len(dataset), len(dataset), 0, 0, 0, 1)
+    broken = order[8:16] + order[20:23]  # all of the second batch of 8, and 3 of the third
+    for index in broken:
+        Path(dataset.items[index][1]).write_bytes(b"not a jpeg")
+    result = run(small_run_args(root, tmp_path / "run", "--epochs", "1"))
+    steps = [row["step"] for row in logged(tmp_path / "run")]
+    assert steps == list(range(1, len(dataset) // 8 + 1))  # no step repeated, none stalled
+    assert result["skipped"] == len(broken) and logged(tmp_path / "run")[-1]["skipped"] == len(broken)
+
+
+def test_an_unwritable_out_dir_fails_before_any_work(synthetic_root, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    assert train.main(small_run_args(synthetic_root, tmp_path / "a_file" / "run")) == 2
+    error = capsys.readouterr()
+    assert "--out-dir" in error.err and "cannot write there" in error.err and "training" not in error.out
+
+
+def test_a_fresh_run_never_overwrites_a_run_already_there(synthetic_root, tmp_path, capsys):
+    args = small_run_args(synthetic_root, tmp_path, "--epochs", "1", "--stop-after-steps", "2")
+    run(args)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert train.main(args) == 2
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    run(args + ["--overwrite", "--seed", "1"])
+    assert (tmp_path / "checkpoint.pt").read_bytes() != before
+
+
+def test_resuming_into_another_folder_is_a_branch_that_leaves_the_source_untouched(synthetic_root, tmp_path):
+    common = ("--epochs", "1", "--ckpt-interval", "4")
+    run(small_run_args(synthetic_root, tmp_path / "straight", *common))
+    run(small_run_args(synthetic_root, tmp_path / "source", *common, "--stop-after-steps", "5"))
+    source = {name: (tmp_path / "source" / name).read_bytes() for name in ("checkpoint.pt", "log.jsonl")}
+    run(["--resume", str(tmp_path / "source" / "checkpoint.pt"), "--out-dir", str(tmp_path / "branch"),
+         "--num-workers", "0", "--no-eval"])
+    assert {name: (tmp_path / "source" / name).read_bytes() for name in source} == source
+    straight, branch = logged(tmp_path / "straight"), logged(tmp_path / "branch")
+    assert [r["step"] for r in branch] == [r["step"] for r in straight]
+    assert [r["loss"] for r in branch] == pytest.approx([r["loss"] for r in straight], abs=1e-6)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "5e-3", "--lr 0.005 contradicts the checkpoint's 0.001"),
+    ("--preset", "base", "--preset base contradicts the checkpoint's tiny"),
+    ("--mask-ratio", "0.75", "--mask-ratio 0.75 contradicts the checkpoint's 0.5"),
+])
+def test_resume_with_a_contradicting_setting_is_an_error(synthetic_root, tmp_path, capsys, flag, value, message):
+    run(small_run_args(synthetic_root, tmp_path / "source", "--epochs", "1", "--stop-after-steps", "2"))
+    argv = ["--resume", str(tmp_path / "source" / "checkpoint.pt"), "--out-dir", str(tmp_path / "next"), flag, value]
+    assert train.main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "next" / "checkpoint.pt").exists()
+
+
+def test_resume_into_a_folder_holding_another_run_is_refused(synthetic_root, tmp_path, capsys):
+    run(small_run_args(synthetic_root, tmp_path / "a", "--epochs", "1", "--stop-after-steps", "2"))
+    run(small_run_args(synthetic_root, tmp_path / "b", "--epochs", "1", "--stop-after-steps", "2"))
+    before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    assert train.main(["--resume", str(tmp_path / "a" / "checkpoint.pt"), "--out-dir", str(tmp_path / "b")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
