@@ -21,10 +21,11 @@ checked, and a key this file does not know is an error, never skipped:
     Tpar (the raw inverse temperature, docs/method.md §6.7)           logit_scale
 
 That is 314 tensors for `base`; the 14 other keys of maco.pth are dropped, and reported (DROPPED). The fixed
-position tables are loaded from the file, not recomputed: the released tables use another frequency scale than
-MAE's (docs/method.md §13), and the weights were trained with them. The only setting read from the shapes is the
-super-resolution target (`decoder_pred`, the released `--SR` flag) and the preset (`base` for maco.pth; `tiny`
-for a small file in the same layout, as the tests write); every other shape must be the preset's.
+position tables are loaded from the file, not recomputed: the released decoder table uses another frequency scale
+than MAE's (docs/method.md §13), and the weights were trained with it. The settings read from the shapes are the
+super-resolution target (`decoder_pred`, the released `--SR` flag) and the preset (`base` for maco.pth; `tiny` for
+a small file in the same layout, as the tests write); the vocabulary size is the tokenizer's. Every other shape
+must be the preset's.
 """
 
 import argparse
@@ -122,6 +123,7 @@ class Report:
     source: str
     loaded: dict[str, str]
     dropped: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         groups = {}
@@ -129,8 +131,8 @@ class Report:
             entry = dropped_entry(key)
             groups[entry] = groups.get(entry, 0) + 1
         dropped = ", ".join(f"{entry}* ({count})" if entry.endswith(".") else entry for entry, count in groups.items())
-        return (f"{self.source}: loaded {len(self.loaded)} released tensors into MaCo; "
-                f"dropped {len(self.dropped)} it never uses: {dropped or 'none'}")
+        return "; ".join([f"{self.source}: loaded {len(self.loaded)} released tensors into MaCo",
+                          f"dropped {len(self.dropped)} it never uses: {dropped or 'none'}", *self.notes])
 
 
 def _listed(problems: list[str], limit: int = 12) -> str:
@@ -184,6 +186,9 @@ def load_state(model: MaCo, state: dict, source: str) -> Report:
     """Copy the released state dict into `model` (match's checks first, then a strict load_state_dict)."""
     report = match(model, state, source)
     model.load_state_dict({name: state[key] for key, name in report.loaded.items()}, strict=True)
+    if model.logit_scale.item() > model.cfg.logit_scale_max:  # the released Tpar is unclamped (D4)
+        report.notes.append(f"its inverse temperature Tpar = {model.logit_scale.item():.2f} is above the clamp at "
+                            f"{model.cfg.logit_scale_max:g} of the training forward (--logit-scale-max)")
     return report
 
 

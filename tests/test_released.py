@@ -181,6 +181,14 @@ def test_every_loaded_tensor_is_its_source_and_the_dropped_ones_are_reported(tin
     assert model.logit_scale.item() == 20.0
     printed = capsys.readouterr().out
     assert "dropped 14" in printed and "WCE.weight" in printed and "logit_scale" in printed
+    assert "above the clamp" not in printed
+
+
+def test_a_temperature_above_the_clamp_is_noted(tiny, tmp_path, capsys):
+    save_released(tmp_path / "hot.pth", {**tiny["state"], "Tpar": torch.tensor(150.0)})
+    model, _ = maco.load(tmp_path / "hot.pth", tiny["tokenizer_path"])
+    assert model.logit_scale.item() == 150.0  # loaded as it is; the forward clamps it (D4)
+    assert "Tpar = 150.00 is above the clamp at 100" in capsys.readouterr().out
 
 
 def test_the_embeddings_are_those_of_a_model_built_directly_from_the_same_tensors(tiny):
