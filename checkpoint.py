@@ -8,6 +8,8 @@ strings only, never pickled code. Building a model from a checkpoint is `maco.lo
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -71,15 +73,26 @@ def save_checkpoint(path, state: dict) -> None:
     write_atomic(path, lambda temp: torch.save(state, temp))
 
 
-def read_checkpoint(path, what: str = "checkpoint", required=()) -> dict:
+def read_checkpoint(path, what: str = "checkpoint", required=(), allowed_classes=()) -> dict:
     """torch.load with weights_only=True (tensors, numbers, strings: no pickled code), and errors that name the
-    file and what was expected. `what` names the flag or role of the file in messages."""
+    file and what was expected. `what` names the flag or role of the file in messages. `allowed_classes`: plain
+    data classes the file may also pickle (the released maco.pth pickles an argparse.Namespace); any other
+    pickled object is refused, since unpickling it could run code from the file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed_classes)):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
         raise ValueError(f"{what} {path}: is a folder; expected a checkpoint file") from None
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch names the object it would not unpickle
+        if not refused:
+            raise ValueError(f"{what} {path}: not a readable PyTorch checkpoint ({error})") from None
+        plain = ", ".join(["tensors, numbers, strings, lists, dicts"] + [c.__module__ + "." + c.__qualname__
+                                                                          for c in allowed_classes])
+        raise ValueError(f"{what} {path}: refused: the file pickles {refused.group(1)}, which is not plain data "
+                         f"({plain}); unpickling it could run code from the file, so it is not loaded") from None
     except Exception as error:
         raise ValueError(f"{what} {path}: not a readable PyTorch checkpoint ({error})") from None
     if not isinstance(checkpoint, dict):

@@ -9,6 +9,7 @@ head's spatial prior, smoothed, upsampled and scaled to [-1, 1]; CNR, mIoU over 
 
     python eval_zeroshot.py --ckpt runs/maco/checkpoint.pt              # synthetic test split (data/synthetic)
     python eval_zeroshot.py --ckpt ckpt.pt --data nih --root /data/NIH   # or rsna, siim, chexpert, ms-cxr
+    python eval_zeroshot.py --ckpt maco.pth --tokenizer mimic_wordpiece.json --data nih --root /data/NIH  # released
 Evaluation-set loaders live in eval_datasets.py.
 """
 import dataclasses
@@ -26,7 +27,7 @@ import eval_datasets
 from checkpoint import write_atomic, write_json
 from cli import parse_config
 from devices import pick_device
-from maco import load_checkpoint
+from maco import load
 from metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
                      pointing_game, roc_auc, roc_curve, to_numpy)
 from tokenizer import encode_texts
@@ -234,7 +235,10 @@ def plot_overlay(image: torch.Tensor, mask, heatmap, path, title: str) -> None:
 
 @dataclass
 class EvalConfig:
-    ckpt: str = field(default="", metadata={"help": "checkpoint written by train.py (required)"})
+    ckpt: str = field(default="", metadata={"help": "checkpoint written by train.py, or the released maco.pth (required)"})
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizers JSON file for released weights (the released mimic_wordpiece.json); a train.py checkpoint "
+                "carries its own"})
     data: str = field(default="synthetic", metadata={"help": "synthetic | nih | rsna | siim | chexpert | ms-cxr"})
     root: str = field(default="data/synthetic", metadata={
         "help": "dataset folder: synthetic world, NIH (Data_Entry CSV, split list, images/), RSNA (stage_2_train_labels.csv), "
@@ -266,8 +270,9 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     device = pick_device(cfg.device)
     if model is None:
         if not Path(cfg.ckpt).is_file():
-            raise FileNotFoundError(f"checkpoint {cfg.ckpt!r} not found (pass --ckpt, a file written by train.py)")
-        model, tokenizer, _ = load_checkpoint(cfg.ckpt, device)
+            raise FileNotFoundError(f"checkpoint {cfg.ckpt!r} not found (pass --ckpt, a file written by train.py "
+                                    f"or the released maco.pth)")
+        model, tokenizer = load(cfg.ckpt, cfg.tokenizer or None, device)
     model = model.to(device).eval()
     zero_shot, grounding = eval_datasets.load_benchmark(
         cfg.data, cfg.root, model.cfg.img_size, model.cfg.in_chans, split_file=cfg.split_file, split=cfg.split,

@@ -246,9 +246,18 @@ class MaCo(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
+TRAIN_CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")  # what building a model needs from a train.py file
+
+
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint written by train.py: returns (model in eval mode, tokenizer, the checkpoint dict)."""
-    checkpoint = read_checkpoint(path, "checkpoint", required=("model", "model_config", "tokenizer"))
+    checkpoint = read_checkpoint(path, "checkpoint", required=TRAIN_CHECKPOINT_KEYS)
+    model, tokenizer = from_checkpoint(checkpoint, path)
+    return model.to(device).eval(), tokenizer, checkpoint
+
+
+def from_checkpoint(checkpoint: dict, path) -> tuple[MaCo, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a train.py checkpoint already read; `path` is for messages."""
     unknown = set(checkpoint["model_config"]) - {f.name for f in fields(MaCoConfig)}
     if unknown:
         raise ValueError(f"{path} has model settings this code does not know: {sorted(unknown)}")
@@ -257,15 +266,31 @@ def load_checkpoint(path, device="cpu"):
     model.load_state_dict(checkpoint["model"])
     tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
     check_special_tokens(tokenizer, str(path))
-    return model.to(device).eval(), tokenizer, checkpoint
+    return model.eval(), tokenizer
 
 
-def load_mae_encoder(model: MaCo, path) -> str:
+def load_released(path, tokenizer_path, device="cpu", preset: str | None = None):
+    """The released weights (`maco.pth`) and tokenizer (`mimic_wordpiece.json`) of github.com/SZUHvern/MaCo ->
+    (MaCo in eval mode, tokenizer). Every key is mapped and checked, and what is dropped is printed: released.py."""
+    import released  # here, not at the top: released.py builds on this module
+    return released.load_released(path, tokenizer_path, device, preset)
+
+
+def load(path, tokenizer=None, device="cpu"):
+    """Any MaCo weights file -> (MaCo in eval mode, tokenizer): a train.py checkpoint, which carries its
+    tokenizer, or the released maco.pth, which needs `tokenizer` (the released mimic_wordpiece.json)."""
+    import released
+    return released.load(path, tokenizer, device)
+
+
+def load_mae_encoder(model: MaCo, path, checkpoint: dict | None = None) -> str:
     """Load MAE's ImageNet ViT checkpoint (a dict under "model", timm names) into model.image_encoder (D12).
+    `checkpoint`: the file's contents if already read.
 
-    Returns a report of the keys loaded, missing and ignored. A shape mismatch is an error, never a silent skip.
+    Returns a report of the keys loaded, missing and ignored. A shape mismatch is an error, never a silent skip,
+    and so is a file none of whose tensors belongs to the image encoder.
     """
-    checkpoint = read_checkpoint(path, "--init")
+    checkpoint = read_checkpoint(path, "--init") if checkpoint is None else checkpoint
     state = checkpoint.get("model", checkpoint)  # MAE nests the state dict under "model"
     if not isinstance(state, dict):
         raise ValueError(f"--init {path}: expected a state dict under the key 'model', got {type(state).__name__}")
@@ -277,6 +302,10 @@ def load_mae_encoder(model: MaCo, path) -> str:
     loaded = [k for k in state if k in own]
     ignored = [k for k in state if k not in own]
     missing = [k for k in own if k not in state]
+    if not loaded:
+        raise ValueError(f"--init {path}: none of its {len(state)} tensors belongs to the image encoder (MAE's "
+                         f"names: {', '.join(list(own)[:3])}, ...); expected MAE's mae_pretrain_vit_base.pth or "
+                         f"the released maco.pth")
     model.image_encoder.load_state_dict({k: state[k] for k in loaded}, strict=False)
     return (f"--init {path}: loaded {len(loaded)} of {len(own)} image-encoder tensors"
             + (f"; missing (kept at init): {missing}" if missing else "")

@@ -2,6 +2,7 @@
 
     python train.py                                   # synthetic data (generated if missing), `tiny`, CPU minutes
     python train.py --data mimic --root /data/mimic-cxr-jpg --init mae_pretrain_vit_base.pth
+    python train.py --data mimic --root ... --init maco.pth --tokenizer mimic_wordpiece.json   # from the released MaCo
     torchrun --nproc_per_node=4 train.py --data mimic --root ...     # the paper's 4-GPU run
 
 Each --data has a recipe (`RECIPES`) that fills every setting left unset. The paper's (docs/method.md §7.1):
@@ -33,6 +34,7 @@ from cli import check_options, check_value, given_flags, option, overrides, run_
 from data import Collate, MimicCXR, OpenI
 from devices import autocast, setup_distributed, uses_bf16
 from maco import PRESETS, MaCo, MaCoConfig, load_mae_encoder
+from released import load_state, read_weights, released_state
 from tokenizer import load_tokenizer, train_tokenizer
 
 RECIPES = {
@@ -57,7 +59,9 @@ class TrainConfig:
     cache: str = option("", "image cache folder from `python data.py cache` ('' = <root>/cache-<size> if present)")
     preset: str = option(None, "model preset (recipe: tiny for synthetic, base otherwise)", choices=tuple(PRESETS))
     tokenizer: str = option("", "tokenizers JSON file ('' = train WordPiece on the training reports)")
-    init: str = option("", "MAE ImageNet checkpoint (mae_pretrain_vit_base.pth) for the image encoder")
+    init: str = option("", "weights to start from, with a fresh optimizer and schedule: MAE's ImageNet checkpoint "
+                           "(mae_pretrain_vit_base.pth) for the image encoder, or the released MaCo weights (maco.pth, "
+                           "with --tokenizer mimic_wordpiece.json) for the whole model")
     resume: str = option("", "checkpoint to continue from; it keeps its settings except "
                          + ", ".join(SESSION_FIELDS[1:] + INTERVAL_FIELDS) + ". With another --out-dir the run "
                          "continues there as a branch; the source is never written")
@@ -186,6 +190,30 @@ def prepare_out_dir(cfg: TrainConfig, is_main: bool, resume_step: int | None) ->
     return out_dir
 
 
+def read_init(cfg: TrainConfig) -> dict:
+    """The file --init names, read once, before any work: MAE's ImageNet encoder or the released MaCo weights."""
+    init = read_weights(cfg.init, "--init")
+    if "model_config" in init:
+        raise ValueError(f"--init {cfg.init} is a train.py checkpoint: continue it with --resume (into another "
+                         f"--out-dir for a branch)")
+    if released_state(init) is not None and not cfg.tokenizer:
+        raise ValueError(f"--init {cfg.init} holds the released MaCo weights: pass --tokenizer mimic_wordpiece.json "
+                         f"(in the MaCo repository), the vocabulary its text encoder knows")
+    return init
+
+
+def load_init(model: MaCo, init: dict, path: str) -> str:
+    """Load --init into the new model: the whole model from released MaCo weights (every key mapped and checked,
+    released.py), else MAE's image encoder. Returns the report to print."""
+    state = released_state(init)
+    if state is None:
+        return load_mae_encoder(model, path, init)
+    if "pos_embed" in state and state["pos_embed"].shape[-1] != model.cfg.width:
+        raise ValueError(f"--init {path}: its image encoder is {state['pos_embed'].shape[-1]} wide, this model's "
+                         f"{model.cfg.width}: choose the file's preset (the released maco.pth is --preset base)")
+    return str(load_state(model, state, f"--init {path}"))
+
+
 def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
     size = model_cfg.input_size
     root = Path(cfg.root)
@@ -210,6 +238,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     if checkpoint:
         cfg = resume_config(cfg, checkpoint, given)
     cfg = resolve(cfg)
+    init = read_init(cfg) if cfg.init and not checkpoint else None
     model_cfg = (MaCoConfig(**checkpoint["model_config"]) if checkpoint
                  else MaCoConfig.preset(cfg.preset, **cfg.model))
     rank, world, device = setup_distributed(cfg.device)
@@ -231,8 +260,9 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
 
     torch.manual_seed(cfg.seed)
     model = MaCo(model_cfg).to(device)
-    if cfg.init and not checkpoint:
-        report = load_mae_encoder(model, cfg.init)
+    if init is not None:
+        report = load_init(model, init, cfg.init)
+        del init  # the file's optimizer state and the like are not needed
         if rank == 0:
             print(report)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
