@@ -110,17 +110,29 @@ def augment_image(pixels: np.ndarray, generator: torch.Generator | None = None) 
 # Report text (D6)
 
 SENTENCE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)")  # every "." except one with a digit on both sides ("1.5")
+LIST_NUMBER = re.compile(r"\s*\d+\s*")  # a piece that is only a number: the "1" of "1. No acute process."
 
 
 def split_sentences(text: str) -> list[str]:
-    """The pieces of `text` between sentence breaks (SENTENCE_BREAK), as they are: untrimmed, empty ones kept."""
-    return SENTENCE_BREAK.split(text)
+    """The pieces of `text` between sentence breaks (SENTENCE_BREAK), as they are: untrimmed, empty ones kept.
+
+    A list number belongs to the sentence that follows it: numbered impressions ("1. No acute process. 2. Small
+    effusion.", common in MIMIC-CXR and Open-i) give "1. No acute process" and " 2. Small effusion", never a
+    piece "1" alone. Joining the pieces with "." gives `text` back."""
+    pieces = []
+    for piece in SENTENCE_BREAK.split(text):
+        if pieces and LIST_NUMBER.fullmatch(pieces[-1]):
+            pieces[-1] += "." + piece  # the break after a list number is not a sentence break
+        else:
+            pieces.append(piece)
+    return pieces
 
 
 def report_sentences(report: str) -> list[str]:
-    """The valid sentences of a report (§5 steps 1-2): split at '.', strip, drop empty and 'none' pieces."""
+    """The valid sentences of a report (§5 steps 1-2): split at '.', strip, drop 'none' pieces and those without
+    a letter (empty, or a stray list number such as the "3." ending a report)."""
     pieces = (" ".join(piece.split()) for piece in split_sentences(report))
-    return [piece for piece in pieces if piece and piece.lower() != "none"]
+    return [piece for piece in pieces if any(c.isalpha() for c in piece) and piece.lower() != "none"]
 
 
 def report_to_caption(report: str, generator: torch.Generator | None = None, deterministic: bool = False) -> str:
