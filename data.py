@@ -358,9 +358,12 @@ class MimicCXR(ImageReportDataset):
             raise ValueError(f"unknown report sections {sorted(unknown)}; choose from {REPORT_SECTIONS}")
         split_of = {row["dicom_id"]: row["split"]
                     for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-split.csv"), SPLIT_COLUMNS)}
-        images = [(row["dicom_id"], row["subject_id"], row["study_id"])
-                  for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)
-                  if row["ViewPosition"] in views and split in (None, split_of.get(row["dicom_id"], "unlisted"))]
+        images, in_split = [], 0  # the images of the split with one of `views`, and how many the split has
+        for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS):
+            if split in (None, split_of.get(row["dicom_id"], "unlisted")):
+                in_split += 1
+                if row["ViewPosition"] in views:
+                    images.append((row["dicom_id"], row["subject_id"], row["study_id"]))
         studies = dict.fromkeys((subject, study) for _, subject, study in images)
         reports, no_report = _mimic_reports(root, studies, report_source, sections)
         reports = {study: text for study, text in reports.items() if report_sentences(text)}
@@ -368,8 +371,9 @@ class MimicCXR(ImageReportDataset):
         items = [(dicom, str(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"),
                   study) for dicom, subject, study in images if study in reports]
         self.skipped = {"empty_report": empty, "no_report": no_report}
-        print(f"MimicCXR({split}): {len(items)} images of views {'/'.join(views)}; skipped {empty} studies with "
-              f"an empty report and {no_report} without a report ({report_source})")
+        print(f"MimicCXR({split}): {len(items)} images; views {'/'.join(views)} kept {len(images)} of the split's "
+              f"{in_split}; skipped {empty} studies with an empty report and {no_report} without a report "
+              f"({report_source})")
         super().__init__(items, reports, image_size, in_chans, resize,
                          split == "train" if augment is None else augment, cache, seed)
 
@@ -391,10 +395,10 @@ class OpenI(ImageReportDataset):
         if not xml_files:
             raise FileNotFoundError(f"no report XML in {root / 'ecgen-radiology'}; unpack NLMCXR_reports.tgz there")
         frontal = None
-        if views_csv is not None:
+        if views_csv:
             frontal = {row["imageid"] for row in read_csv(Path(views_csv), ("imageid", "tsne-view"))
                        if row["tsne-view"] == "PA"}
-        items, reports, empty, unreadable = [], {}, 0, 0
+        items, reports, empty, unreadable, listed = [], {}, 0, 0, 0  # listed: images of the non-empty reports
         for xml_file in xml_files:
             try:
                 tree = ET.parse(xml_file)
@@ -410,11 +414,17 @@ class OpenI(ImageReportDataset):
                 continue
             reports[xml_file.stem] = report
             for node in tree.iter("parentImage"):
+                listed += 1
                 if frontal is None or node.get("id") in frontal:
                     items.append((node.get("id"), str(root / images_dir / f"{node.get('id')}.png"), xml_file.stem))
+        if frontal is not None and listed and not items:
+            raise ValueError(f"{views_csv} names none of the {listed} images of the reports as PA; expected "
+                             f"torchxrayvision's nlmcxr_tsne_pa.csv(.gz) (imageid,tsne-view)")
         self.skipped = {"empty_report": empty, "unreadable_xml": unreadable}
-        print(f"OpenI: {len(items)} images ({'PA only' if frontal is not None else 'all views'}) of {len(reports)} "
-              f"reports; skipped {empty} empty reports and {unreadable} unreadable XML files")
+        views = (f"the views file kept {len(items)} PA of {listed}" if frontal is not None else
+                 "all views, laterals included: pass nlmcxr_tsne_pa.csv.gz to keep PA only")
+        print(f"OpenI: {len(items)} images of {len(reports)} reports ({views}); skipped {empty} empty reports and "
+              f"{unreadable} unreadable XML files")
         super().__init__(items, reports, image_size, in_chans, resize, augment, cache, seed)
 
 
