@@ -85,7 +85,7 @@ def _find_image(stem_path: Path) -> Path | None:
     return None
 
 
-def _index_images(folder: Path) -> dict[str, Path]:
+def _index_images(folder: Path) -> dict[str, str]:
     """File name -> path of every PNG/JPEG in `folder` and below it, from one directory walk (in sorted order, so
     of two files with the same name the first in path order wins; linked folders are followed)."""
     index = {}
@@ -93,14 +93,14 @@ def _index_images(folder: Path) -> dict[str, Path]:
         subfolders.sort()
         for name in sorted(names):
             if name.lower().endswith(IMAGE_SUFFIXES):
-                index.setdefault(name, Path(current, name))
+                index.setdefault(name, os.path.join(current, name))  # strings: 112,120 Paths are slow
     return index
 
 
 def _folders_of(paths: list[str], root: Path) -> str:
     """The folders that hold `paths`, relative to `root`: "images/", or "images_001/images/, …,
     images_012/images/ (12 folders)" for many."""
-    folders = sorted({os.path.relpath(os.path.dirname(path), root) for path in paths})
+    folders = sorted({os.path.relpath(folder, root) for folder in {os.path.dirname(path) for path in paths}})
     names = ["the root folder" if folder == "." else folder + "/" for folder in folders]
     return ", ".join(names) if len(names) <= 3 else f"{names[0]}, …, {names[-1]} ({len(names)} folders)"
 
@@ -149,16 +149,14 @@ def load_nih(root, split_file: str = "test_list.txt", image_dir: str | None = No
             labels = labels_by_name[name]
         else:
             raise ValueError(f"{root / split_file}: {name} has no labels in the list nor in the Data_Entry CSV")
-        path = index.get(Path(name).name)
-        items.append(LabelledImage(str(path) if path else None, np.array(labels, np.float32)))
+        items.append(LabelledImage(index.get(os.path.basename(name)), np.array(labels, np.float32)))
     found = [item.path for item in items if item.path]
     if not found:
-        tried = (f"{folder} and every folder below it" if image_dir is not None else
-                 f"{root} and every folder below it: the layouts images/ (NIH archives), images_001/images/ … "
-                 "images_012/images/ (Kaggle), images/images_all/ (MaCo) and flat")
-        raise FileNotFoundError(f"NIH: none of the {len(items)} images listed in {split_file} (e.g. {lines[0][0]}) "
-                                f"was found; searched {tried}, which hold {len(index)} PNG/JPEG files "
-                                "(docs/datasets.md §2.1)")
+        layouts = ("--image-dir" if image_dir is not None else "the layouts images/ (NIH archives), images_001/images/"
+                   " … images_012/images/ (Kaggle), images/images_all/ (MaCo) and flat")
+        raise FileNotFoundError(f"NIH: none of the {len(items)} images listed in {split_file} (e.g. {lines[0][0]}) is "
+                                f"among the {len(index)} PNG/JPEG files in {folder} and every folder below it "
+                                f"({layouts}; docs/datasets.md §2.1)")
     print(f"NIH {root}: {len(found)} of {len(items)} listed images found in {_folders_of(found, root)}")
     return _keep_existing(items, f"NIH {root}")
 

@@ -97,8 +97,9 @@ def test_nih_without_any_listed_image_names_the_layouts_it_searched(tmp_path):
     write_text(tmp_path / "Data_Entry_2017.csv", NIH_KAGGLE_HEADER + "\n" + "00099999_000.png,Mass,0,99999,50,M,PA,"
                "2048,2500,0.168,0.168,\n00099999_001.png,No Finding,1,99999,50,M,PA,2048,2500,0.168,0.168,\n")
     with pytest.raises(FileNotFoundError, match=r"none of the 2 images listed in test_list\.txt \(e\.g\. "
-                       r"00099999_000\.png\).*images/ \(NIH archives\), images_001/images/ … images_012/images/ "
-                       r"\(Kaggle\), images/images_all/ \(MaCo\) and flat, which hold 13 PNG/JPEG files"):
+                       r"00099999_000\.png\) is among the 13 PNG/JPEG files in .* and every folder below it \(the "
+                       r"layouts images/ \(NIH archives\), images_001/images/ … images_012/images/ \(Kaggle\), "
+                       r"images/images_all/ \(MaCo\) and flat"):
         eval_datasets.load_nih(tmp_path)
 
 
@@ -110,7 +111,8 @@ def test_nih_image_dir_limits_the_search_to_that_folder(tmp_path, capsys):
     absolute = eval_datasets.load_nih(tmp_path, image_dir=str(tmp_path / "images_012"))
     assert [item.path for item in absolute] == [str(paths["00030805_000.png"])]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"searched .*empty and every folder below it, which hold 0 PNG"):
+    with pytest.raises(FileNotFoundError, match=r"among the 0 PNG/JPEG files in .*empty and every folder below it "
+                                                r"\(--image-dir"):
         eval_datasets.load_nih(tmp_path, image_dir="empty")
     with pytest.raises(FileNotFoundError, match=r"NIH image folder .*nowhere \(--image-dir\) is not a folder"):
         eval_datasets.load_nih(tmp_path, image_dir="nowhere")
