@@ -110,17 +110,29 @@ def augment_image(pixels: np.ndarray, generator: torch.Generator | None = None) 
 # Report text (D6)
 
 SENTENCE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)")  # every "." except one with a digit on both sides ("1.5")
+LIST_NUMBER = re.compile(r"\s*\d+\s*")  # a piece that is only a number: the "1" of "1. No acute process."
 
 
 def split_sentences(text: str) -> list[str]:
-    """The pieces of `text` between sentence breaks (SENTENCE_BREAK), as they are: untrimmed, empty ones kept."""
-    return SENTENCE_BREAK.split(text)
+    """The pieces of `text` between sentence breaks (SENTENCE_BREAK), as they are: untrimmed, empty ones kept.
+
+    A list number belongs to the sentence that follows it: numbered impressions ("1. No acute process. 2. Small
+    effusion.", common in MIMIC-CXR and Open-i) give "1. No acute process" and " 2. Small effusion", never a
+    piece "1" alone. Joining the pieces with "." gives `text` back."""
+    pieces = []
+    for piece in SENTENCE_BREAK.split(text):
+        if pieces and LIST_NUMBER.fullmatch(pieces[-1]):
+            pieces[-1] += "." + piece  # the break after a list number is not a sentence break
+        else:
+            pieces.append(piece)
+    return pieces
 
 
 def report_sentences(report: str) -> list[str]:
-    """The valid sentences of a report (§5 steps 1-2): split at '.', strip, drop empty and 'none' pieces."""
+    """The valid sentences of a report (§5 steps 1-2): split at '.', strip, drop 'none' pieces and those without
+    a letter (empty, or a stray list number such as the "3." ending a report)."""
     pieces = (" ".join(piece.split()) for piece in split_sentences(report))
-    return [piece for piece in pieces if piece and piece.lower() != "none"]
+    return [piece for piece in pieces if any(c.isalpha() for c in piece) and piece.lower() != "none"]
 
 
 def report_to_caption(report: str, generator: torch.Generator | None = None, deterministic: bool = False) -> str:
@@ -359,11 +371,11 @@ class MimicCXR(ImageReportDataset):
             raise ValueError(f"unknown report sections {sorted(unknown)}; choose from {REPORT_SECTIONS}")
         split_of = {row["dicom_id"]: row["split"]
                     for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-split.csv"), SPLIT_COLUMNS)}
-        rows = [row for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)
-                if row["ViewPosition"] in views]
+        rows = [row for row in read_csv(_find_file(root, "mimic-cxr-2.0.0-metadata.csv"), METADATA_COLUMNS)]
         unlisted = sum(row["dicom_id"] not in split_of for row in rows)  # no split row: in no split
-        images = [(row["dicom_id"], row["subject_id"], row["study_id"]) for row in rows
-                  if split is None or split_of.get(row["dicom_id"]) == split]
+        in_split = [row for row in rows if split is None or split_of.get(row["dicom_id"]) == split]
+        images = [(row["dicom_id"], row["subject_id"], row["study_id"]) for row in in_split
+                  if row["ViewPosition"] in views]
         studies = dict.fromkeys((subject, study) for _, subject, study in images)
         reports, no_report, latin1 = _mimic_reports(root, studies, report_source, sections)
         reports = {study: text for study, text in reports.items() if report_sentences(text)}
@@ -371,8 +383,9 @@ class MimicCXR(ImageReportDataset):
         items = [(dicom, str(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg"),
                   study) for dicom, subject, study in images if study in reports]
         self.skipped = {"empty_report": empty, "no_report": no_report, "no_split_row": unlisted if split else 0}
-        print(f"MimicCXR({split}): {len(items)} images of views {'/'.join(views)}; skipped {empty} studies with "
-              f"an empty report and {no_report} without a report ({report_source})"
+        print(f"MimicCXR({split}): {len(items)} images; views {'/'.join(views)} kept {len(images)} of the split's "
+              f"{len(in_split)}; skipped {empty} studies with an empty report and {no_report} without a report "
+              f"({report_source})"
               + (f"; {unlisted} images have no row in the split file (in no split)" if unlisted and split else "")
               + (f"; {latin1} report files were not UTF-8 and were read as Latin-1" if latin1 else ""))
         super().__init__(items, reports, image_size, in_chans, resize,
@@ -396,10 +409,10 @@ class OpenI(ImageReportDataset):
         if not xml_files:
             raise FileNotFoundError(f"no report XML in {root / 'ecgen-radiology'}; unpack NLMCXR_reports.tgz there")
         frontal = None
-        if views_csv is not None:
+        if views_csv:
             frontal = {row["imageid"] for row in read_csv(Path(views_csv), ("imageid", "tsne-view"))
                        if row["tsne-view"] == "PA"}
-        items, reports, empty, unreadable = [], {}, 0, 0
+        items, reports, empty, unreadable, listed = [], {}, 0, 0, 0  # listed: images of the non-empty reports
         for xml_file in xml_files:
             try:
                 tree = ET.parse(xml_file)
@@ -415,11 +428,17 @@ class OpenI(ImageReportDataset):
                 continue
             reports[xml_file.stem] = report
             for node in tree.iter("parentImage"):
+                listed += 1
                 if frontal is None or node.get("id") in frontal:
                     items.append((node.get("id"), str(root / images_dir / f"{node.get('id')}.png"), xml_file.stem))
+        if frontal is not None and listed and not items:
+            raise ValueError(f"{views_csv} names none of the {listed} images of the reports as PA; expected "
+                             f"torchxrayvision's nlmcxr_tsne_pa.csv(.gz) (imageid,tsne-view)")
         self.skipped = {"empty_report": empty, "unreadable_xml": unreadable}
-        print(f"OpenI: {len(items)} images ({'PA only' if frontal is not None else 'all views'}) of {len(reports)} "
-              f"reports; skipped {empty} empty reports and {unreadable} unreadable XML files")
+        views = (f"the views file kept {len(items)} PA of {listed}" if frontal is not None else
+                 "all views, laterals included: pass nlmcxr_tsne_pa.csv.gz to keep PA only")
+        print(f"OpenI: {len(items)} images of {len(reports)} reports ({views}); skipped {empty} empty reports and "
+              f"{unreadable} unreadable XML files")
         super().__init__(items, reports, image_size, in_chans, resize, augment, cache, seed)
 
 

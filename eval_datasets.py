@@ -74,16 +74,35 @@ def _dicom_error(path) -> ValueError:
 
 
 def _find_image(stem_path: Path) -> Path | None:
-    """`stem_path` with an image suffix that exists; a DICOM-only file raises a clear error."""
+    """`stem_path` with an image suffix that exists, else the DICOM file of that stem if there is one (the caller
+    skips or refuses it), else None."""
     if stem_path.suffix.lower() in IMAGE_SUFFIXES and stem_path.is_file():
         return stem_path
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in IMAGE_SUFFIXES + (".dcm",):
         candidate = stem_path.with_suffix(suffix)
         if candidate.is_file():
             return candidate
-    if stem_path.with_suffix(".dcm").is_file():
-        raise _dicom_error(stem_path.with_suffix(".dcm"))
     return None
+
+
+def _index_images(folder: Path) -> dict[str, str]:
+    """File name -> path of every PNG/JPEG in `folder` and below it, from one directory walk (in sorted order, so
+    of two files with the same name the first in path order wins; linked folders are followed)."""
+    index = {}
+    for current, subfolders, names in os.walk(folder, followlinks=True):
+        subfolders.sort()
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                index.setdefault(name, os.path.join(current, name))  # strings: 112,120 Paths are slow
+    return index
+
+
+def _folders_of(paths: list[str], root: Path) -> str:
+    """The folders that hold `paths`, relative to `root`: "images/", or "images_001/images/, …,
+    images_012/images/ (12 folders)" for many."""
+    folders = sorted({os.path.relpath(folder, root) for folder in {os.path.dirname(path) for path in paths}})
+    names = ["the root folder" if folder == "." else folder + "/" for folder in folders]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]}, …, {names[-1]} ({len(names)} folders)"
 
 
 def _keep_existing(items: list, source: str) -> list:
@@ -100,7 +119,11 @@ def _keep_existing(items: list, source: str) -> list:
 
 def load_nih(root, split_file: str = "test_list.txt", image_dir: str | None = None) -> list[LabelledImage]:
     """NIH ChestX-ray14 (§2). `split_file` lines are `<name>` (official lists) or `<name> <14 ints>` (MaCo's
-    lists, whose labels are used as given); names without labels take theirs from Data_Entry_2017*.csv."""
+    lists, whose labels are used as given); names without labels take theirs from Data_Entry_2017*.csv.
+
+    Each image is found by its name wherever the layouts of §2.1 put it: images/ (NIH archives), images_001/images/
+    … images_012/images/ (Kaggle), images/images_all/ (MaCo) or flat in `root`. The folders are indexed once;
+    `image_dir` (relative to `root`, or absolute) limits the search to that folder and those below it."""
     root = check_root(root, "NIH ChestX-ray14")
     lines = _read_list(root / split_file)
     labels_by_name = {}
@@ -113,10 +136,10 @@ def load_nih(root, split_file: str = "test_list.txt", image_dir: str | None = No
         for row in rows:
             findings = set(row["Finding Labels"].split("|"))
             labels_by_name[row["Image Index"]] = [float(label in findings) for label in NIH_LABELS]
-    if image_dir is None:  # MaCo uses one flat folder; the NIH archives unpack into images/
-        first = lines[0][0]
-        image_dir = next((d for d in ("images", "images/images_all", "images_all", ".") if (root / d / first).is_file()),
-                         "images")
+    folder = root if image_dir is None else root / image_dir  # an absolute image_dir replaces root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"NIH image folder {folder} (--image-dir) is not a folder")
+    index = _index_images(folder)  # name -> path: 112,120 names in one walk, not one search per listed image
     items = []
     for line in lines:
         name = line[0]
@@ -126,14 +149,22 @@ def load_nih(root, split_file: str = "test_list.txt", image_dir: str | None = No
             labels = labels_by_name[name]
         else:
             raise ValueError(f"{root / split_file}: {name} has no labels in the list nor in the Data_Entry CSV")
-        path = root / image_dir / name
-        items.append(LabelledImage(str(path) if path.is_file() else None, np.array(labels, np.float32)))
+        items.append(LabelledImage(index.get(os.path.basename(name)), np.array(labels, np.float32)))
+    found = [item.path for item in items if item.path]
+    if not found:
+        layouts = ("--image-dir" if image_dir is not None else "the layouts images/ (NIH archives), images_001/images/"
+                   " … images_012/images/ (Kaggle), images/images_all/ (MaCo) and flat")
+        raise FileNotFoundError(f"NIH: none of the {len(items)} images listed in {split_file} (e.g. {lines[0][0]}) is "
+                                f"among the {len(index)} PNG/JPEG files in {folder} and every folder below it "
+                                f"({layouts}; docs/datasets.md §2.1)")
+    print(f"NIH {root}: {len(found)} of {len(items)} listed images found in {_folders_of(found, root)}")
     return _keep_existing(items, f"NIH {root}")
 
 
 def load_rsna(root, split_file: str | None = "test_list.txt") -> list[LabelledImage]:
     """RSNA Pneumonia (§3), one class (Lung Opacity). MaCo's split lines are `<relpath.dcm> <Target>`; without a
-    split list every patient of stage_2_train_labels.csv is used. Images: the same path as PNG or JPEG."""
+    split list every patient of stage_2_train_labels.csv is used. Images: the same path as PNG or JPEG; one left
+    as DICOM is a counted skip, a folder with nothing but DICOM files an error (convert them first)."""
     root = check_root(root, "RSNA Pneumonia")
     targets = {}
     lines = _read_list(Path(root, split_file)) if split_file else None
@@ -143,14 +174,22 @@ def load_rsna(root, split_file: str | None = "test_list.txt") -> list[LabelledIm
             targets[row["patientId"]] = max(targets.get(row["patientId"], 0.0), float(row["Target"]))
     if lines is None:
         lines = [[f"stage_2_train_images/{pid}.dcm"] for pid in targets]
-    items = []
+    items, dicoms = [], []
     for line in lines:
         relpath = line[0]
         if len(line) == 1 and Path(relpath).stem not in targets:
             raise ValueError(f"{split_file}: {relpath} has no label in the list nor in stage_2_train_labels.csv")
         label = float(line[1]) if len(line) > 1 else targets[Path(relpath).stem]
         path = _find_image(root / relpath)
+        if path is not None and path.suffix.lower() == ".dcm":
+            dicoms.append(path)
+            continue
         items.append(LabelledImage(str(path) if path else None, np.array([label], np.float32)))
+    if dicoms:
+        if not any(item.path for item in items):  # nothing converted yet
+            raise _dicom_error(dicoms[0])
+        print(f"RSNA {root}: skipped {len(dicoms)} of {len(lines)} listed images that are still DICOM "
+              f"(e.g. {dicoms[0]}); convert them to PNG or JPEG to include them")
     return _keep_existing(items, f"RSNA {root}")
 
 
@@ -215,10 +254,11 @@ def siim_mask(item: LabelledImage, height: int = 1024, width: int = 1024) -> np.
     return mask
 
 
-def load_chexpert(root, split: str = "valid", uncertain: str = "maco", frontal_only: bool = False) -> list[LabelledImage]:
+def load_chexpert(root, split: str = "valid", uncertain: str = "maco", frontal_only: bool = True) -> list[LabelledImage]:
     """CheXpert (§5): the 5 competition labels from train.csv / valid.csv. `root` is the dataset folder (or
     its parent). Uncertain (-1.0): 'maco' = U-Ones for Atelectasis, Edema, Pleural Effusion and U-Zeros for
-    the others (MaCo's split files), 'ones', 'zeros' or 'ignore' (NaN); blank -> 0."""
+    the others (MaCo's split files), 'ones', 'zeros' or 'ignore' (NaN); blank -> 0. frontal_only (default):
+    lateral views are dropped and counted (MaCo's own split lists keep them, §5.3)."""
     if uncertain not in ("maco", "ones", "zeros", "ignore"):
         raise ValueError(f"uncertain policy {uncertain!r}: expected maco, ones, zeros or ignore")
     root = check_root(root, "CheXpert")
@@ -228,9 +268,10 @@ def load_chexpert(root, split: str = "valid", uncertain: str = "maco", frontal_o
                              "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,"
                              "Lung Opacity,Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,"
                              "Pleural Effusion,Pleural Other,Fracture,Support Devices")
-    items = []
+    items, laterals = [], 0
     for row in rows:
         if frontal_only and row["Frontal/Lateral"] != "Frontal":
+            laterals += 1
             continue
         labels = []
         for name in CHEXPERT_LABELS:
@@ -242,6 +283,9 @@ def load_chexpert(root, split: str = "valid", uncertain: str = "maco", frontal_o
         # `Path` starts with the dataset folder's own name (CheXpert-v1.0-small/...): resolve it inside `folder`
         path = folder / Path(*Path(row["Path"]).parts[1:])
         items.append(LabelledImage(str(path) if path.is_file() else None, np.array(labels, np.float32)))
+    if frontal_only:
+        print(f"CheXpert {folder / f'{split}.csv'}: {len(items)} frontal images; dropped {laterals} lateral "
+              "(--no-frontal-only keeps them)")
     return _keep_existing(items, f"CheXpert {folder / f'{split}.csv'}")
 
 
@@ -359,22 +403,24 @@ class GroundingDataset(torch.utils.data.Dataset):
 
 
 def load_benchmark(name: str, root, size: int, in_chans: int, split_file: str = "", split: str = "",
-                   uncertain: str = "maco", mimic_root: str = "", limit: int | None = None):
+                   uncertain: str = "maco", mimic_root: str = "", limit: int | None = None, image_dir: str = "",
+                   frontal_only: bool = True):
     """The evaluation set `name` as model inputs of side `size`: (zero-shot task (ClassificationDataset, class
-    names, prompt set) or None, GroundingDataset or None). Empty strings select each set's default."""
+    names, prompt set) or None, GroundingDataset or None). Empty strings select each set's default; image_dir:
+    NIH only, frontal_only: CheXpert only."""
     root, items, grounding, class_names = Path(root), None, None, CLASS_NAMES.get(name)
     if name == "synthetic":  # its test split has both tasks
         class_names = synthetic_class_names(root)
         items = load_synthetic(root, class_names, split or "test")
         grounding = load_ms_cxr(root / MS_CXR_CSV, root)
     elif name == "nih":
-        items = load_nih(root, split_file or "test_list.txt")
+        items = load_nih(root, split_file or "test_list.txt", image_dir or None)
     elif name == "rsna":
         items = load_rsna(root, split_file or None)
     elif name == "siim":
         items = load_siim(root, split_file or None)
     elif name == "chexpert":
-        items = load_chexpert(root, split or "valid", uncertain)
+        items = load_chexpert(root, split or "valid", uncertain, frontal_only)
     elif name == "ms-cxr":
         if not mimic_root:
             raise ValueError("--data ms-cxr needs --mimic-root, the MIMIC-CXR-JPG folder that holds files/")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import eval_datasets
 from checkpoint import write_atomic, write_json
-from cli import parse_config
+from cli import option, parse_config
 from devices import pick_device
 from maco import load
 from metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
@@ -241,16 +241,21 @@ class EvalConfig:
                 "carries its own"})
     data: str = field(default="synthetic", metadata={"help": "synthetic | nih | rsna | siim | chexpert | ms-cxr"})
     root: str = field(default="data/synthetic", metadata={
-        "help": "dataset folder: synthetic world, NIH (Data_Entry CSV, split list, images/), RSNA (stage_2_train_labels.csv), "
+        "help": "dataset folder: synthetic world, NIH (Data_Entry CSV, split list, images below it), RSNA (stage_2_train_labels.csv), "
                 "SIIM (train-rle.csv and images below it), CheXpert (valid.csv/train.csv), MS-CXR (its CSV)"})
     mimic_root: str = field(default="", metadata={"help": "ms-cxr: MIMIC-CXR-JPG folder that holds files/"})
     split_file: str = field(default="", metadata={
         "help": "split list, relative to --root or absolute ('' = NIH test_list.txt; RSNA and SIIM: every labelled "
                 "image; pass MaCo's DatasetsSplits/*/test_list.txt to reproduce its test sets)"})
+    image_dir: str = option("", "nih: the folder of the images, relative to --root or absolute ('' = find each listed "
+                                "image below --root: images/, Kaggle's images_001/images/ ... images_012/images/, "
+                                "images/images_all/ or flat)")
     split: str = field(default="", metadata={"help": "synthetic: test (default) | validate | train; chexpert: valid (default) | train"})
     uncertain: str = field(default="maco", metadata={
         "help": "chexpert uncertain (-1.0) labels: maco (U-Ones for atelectasis, edema, effusion; U-Zeros for the "
                 "others) | ones | zeros | ignore"})
+    frontal_only: bool = option(True, "chexpert: frontal images only, lateral ones dropped and counted "
+                                      "(--no-frontal-only keeps them, as MaCo's split lists do)")
     prompts: str = field(default="", metadata={"help": "prompt set: default | siim ('' = siim for SIIM, else default)"})
     cosine: bool = field(default=False, metadata={"help": "cosine scoring instead of the released raw dot products"})
     out: str = field(default="out/eval", metadata={"help": "output folder for metrics.json and the PNGs"})
@@ -276,7 +281,8 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     model = model.to(device).eval()
     zero_shot, grounding = eval_datasets.load_benchmark(
         cfg.data, cfg.root, model.cfg.img_size, model.cfg.in_chans, split_file=cfg.split_file, split=cfg.split,
-        uncertain=cfg.uncertain, mimic_root=cfg.mimic_root, limit=cfg.max_images or None)
+        uncertain=cfg.uncertain, mimic_root=cfg.mimic_root, limit=cfg.max_images or None, image_dir=cfg.image_dir,
+        frontal_only=cfg.frontal_only)
     results = dict(data=cfg.data, root=str(cfg.root), checkpoint=cfg.ckpt, config=dataclasses.asdict(cfg))
     if zero_shot is not None:
         dataset, class_names, prompt_set = zero_shot

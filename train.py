@@ -56,6 +56,8 @@ class TrainConfig:
     root: str = option(None, "dataset folder (synthetic: data/synthetic, generated if missing)")
     report_source: str = option("txt", "mimic reports: 'txt' (files/pXX/pXXXXXXXX/sXXXXXXXX.txt under --root) or the "
                                        "path of mimic_cxr_sectioned.csv")
+    views_csv: str = option("", "openi: torchxrayvision's nlmcxr_tsne_pa.csv.gz (imageid,tsne-view), to pretrain on PA "
+                                "images only as the paper does ('' = every image, laterals included)")
     cache: str = option("", "image cache folder from `python data.py cache` ('' = <root>/cache-<size> if present)")
     preset: str = option(None, "model preset (recipe: tiny for synthetic, base otherwise)", choices=tuple(PRESETS))
     tokenizer: str = option("", "tokenizers JSON file ('' = train WordPiece on the training reports)")
@@ -99,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"unknown model settings {sorted(unknown)}")
         for name, value in self.model.items():
             check_value(model_fields[name], value)
+        if self.views_csv and self.data != "openi":
+            raise ValueError(f"--views-csv names the views of Open-i images; --data {self.data} does not use it")
 
 
 class TrainingError(RuntimeError):
@@ -228,7 +232,7 @@ def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
     cache = cache if (cfg.cache or cache.exists()) else None
     common = dict(image_size=size, in_chans=model_cfg.in_chans, augment=True, cache=cache, seed=cfg.seed)
     if cfg.data == "openi":
-        return OpenI(root, **common)
+        return OpenI(root, views_csv=cfg.views_csv or None, **common)
     return MimicCXR(root, split="train", report_source=cfg.report_source, **common)
 
 

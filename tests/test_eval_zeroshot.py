@@ -395,7 +395,7 @@ def test_siim_loader_labels_any_mask_and_finds_nested_images(tmp_path, leading_s
                                               ("zeros", [0, 0, 0, 0, 0])])
 def test_chexpert_loader_applies_the_uncertainty_policy(tmp_path, policy, expected):
     make_chexpert(tmp_path)
-    items = eval_datasets.load_chexpert(tmp_path, "train", policy)
+    items = eval_datasets.load_chexpert(tmp_path, "train", policy, frontal_only=False)
     assert len(items) == 3 and items[1].labels.tolist() == expected  # -1.0 in all five columns
     assert items[0].labels.tolist() == [0, 0, 0, 0, 0]  # blanks and 0.0
     assert len(eval_datasets.load_chexpert(tmp_path, "train", policy, frontal_only=True)) == 2
