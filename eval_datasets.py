@@ -31,6 +31,7 @@ CHEXPERT_MACO_UONES = {"Atelectasis", "Edema", "Pleural Effusion"}
 # world's come from the header of its synthetic-labels.csv (synthetic_class_names)
 CLASS_NAMES = {"nih": [name.replace("_", " ").lower() for name in NIH_LABELS], "rsna": ["lung opacity"],
                "siim": ["pneumothorax"], "chexpert": [name.lower() for name in CHEXPERT_LABELS]}
+DATASETS = ("synthetic", "nih", "rsna", "siim", "chexpert", "ms-cxr")  # what load_benchmark reads
 SYNTHETIC_LABELS_CSV = "synthetic-labels.csv"
 SYNTHETIC_ID_COLUMNS = ["dicom_id", "subject_id", "study_id", "split", "path"]  # then one 0/1 column per finding
 MS_CXR_CSV = "MS_CXR_Local_Alignment_v1.0.0.csv"

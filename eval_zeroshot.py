@@ -14,7 +14,7 @@ Evaluation-set loaders live in eval_datasets.py.
 """
 import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import eval_datasets
-from checkpoint import write_atomic, write_json
-from cli import option, parse_config
+from checkpoint import check_writable, write_atomic, write_json
+from cli import check_options, option, run_script
 from devices import pick_device
 from maco import load
 from metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
@@ -235,44 +235,45 @@ def plot_overlay(image: torch.Tensor, mask, heatmap, path, title: str) -> None:
 
 @dataclass
 class EvalConfig:
-    ckpt: str = field(default="", metadata={"help": "checkpoint written by train.py, or the released maco.pth (required)"})
-    tokenizer: str = field(default="", metadata={
-        "help": "tokenizers JSON file for released weights (the released mimic_wordpiece.json); a train.py checkpoint "
-                "carries its own"})
-    data: str = field(default="synthetic", metadata={"help": "synthetic | nih | rsna | siim | chexpert | ms-cxr"})
-    root: str = field(default="data/synthetic", metadata={
-        "help": "dataset folder: synthetic world, NIH (Data_Entry CSV, split list, images below it), RSNA (stage_2_train_labels.csv), "
-                "SIIM (train-rle.csv and images below it), CheXpert (valid.csv/train.csv), MS-CXR (its CSV)"})
-    mimic_root: str = field(default="", metadata={"help": "ms-cxr: MIMIC-CXR-JPG folder that holds files/"})
-    split_file: str = field(default="", metadata={
-        "help": "split list, relative to --root or absolute ('' = NIH test_list.txt; RSNA and SIIM: every labelled "
-                "image; pass MaCo's DatasetsSplits/*/test_list.txt to reproduce its test sets)"})
+    ckpt: str = option("", "checkpoint written by train.py, or the released maco.pth (required)")
+    tokenizer: str = option("", "tokenizers JSON file for released weights (the released mimic_wordpiece.json); a "
+                                "train.py checkpoint carries its own")
+    data: str = option("synthetic", "evaluation set", choices=eval_datasets.DATASETS)
+    root: str = option("data/synthetic", "dataset folder: synthetic world, NIH (Data_Entry CSV, split list, images "
+                                         "below it), RSNA (stage_2_train_labels.csv), SIIM (train-rle.csv and images "
+                                         "below it), CheXpert (valid.csv/train.csv), MS-CXR (its CSV)")
+    mimic_root: str = option("", "ms-cxr: MIMIC-CXR-JPG folder that holds files/")
+    split_file: str = option("", "split list, relative to --root or absolute ('' = NIH test_list.txt; RSNA and SIIM: "
+                                 "every labelled image; pass MaCo's DatasetsSplits/*/test_list.txt to reproduce its "
+                                 "test sets)")
     image_dir: str = option("", "nih: the folder of the images, relative to --root or absolute ('' = find each listed "
                                 "image below --root: images/, Kaggle's images_001/images/ ... images_012/images/, "
                                 "images/images_all/ or flat)")
-    split: str = field(default="", metadata={"help": "synthetic: test (default) | validate | train; chexpert: valid (default) | train"})
-    uncertain: str = field(default="maco", metadata={
-        "help": "chexpert uncertain (-1.0) labels: maco (U-Ones for atelectasis, edema, effusion; U-Zeros for the "
-                "others) | ones | zeros | ignore"})
+    split: str = option("", "synthetic: test (default) | validate | train; chexpert: valid (default) | train")
+    uncertain: str = option("maco", "chexpert uncertain (-1.0) labels: maco (U-Ones for atelectasis, edema, effusion; "
+                                    "U-Zeros for the others), ones, zeros or ignore",
+                            choices=("maco", "ones", "zeros", "ignore"))
     frontal_only: bool = option(True, "chexpert: frontal images only, lateral ones dropped and counted "
                                       "(--no-frontal-only keeps them, as MaCo's split lists do)")
-    prompts: str = field(default="", metadata={"help": "prompt set: default | siim ('' = siim for SIIM, else default)"})
-    cosine: bool = field(default=False, metadata={"help": "cosine scoring instead of the released raw dot products"})
-    out: str = field(default="out/eval", metadata={"help": "output folder for metrics.json and the PNGs"})
-    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
-    workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-    max_images: int = field(default=0, metadata={"help": "evaluate only the first N images / pairs (0 = all)"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the macro-AUC 95%% interval"})
-    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
-    overlays: int = field(default=8, metadata={"help": "grounding overlay PNGs to write"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    prompts: str = option("", "prompt set ('' = siim for SIIM, else default)", choices=("", *PROMPT_SETS))
+    cosine: bool = option(False, "cosine scoring instead of the released raw dot products")
+    out: str = option("out/eval", "output folder for metrics.json and the PNGs")
+    batch_size: int = option(32, "images per forward pass", minimum=1)
+    workers: int = option(0, "DataLoader worker processes", minimum=0)
+    max_images: int = option(0, "evaluate only the first N images / pairs (0 = all)", minimum=0)
+    n_boot: int = option(1000, "bootstrap resamples for the macro-AUC 95% interval", minimum=10)
+    seed: int = option(0, "bootstrap seed", minimum=0)
+    overlays: int = option(8, "grounding overlay PNGs to write", minimum=0)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+
+    def __post_init__(self):
+        check_options(self)
 
 
 def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     """Evaluate a checkpoint (or an in-memory model and tokenizer) on cfg.data; writes metrics.json and PNGs to cfg.out."""
-    if cfg.prompts and cfg.prompts not in PROMPT_SETS:
-        raise ValueError(f"--prompts {cfg.prompts!r}: expected one of {sorted(PROMPT_SETS)}")
     device = pick_device(cfg.device)
+    check_writable(cfg.out, "--out")
     if model is None:
         if not Path(cfg.ckpt).is_file():
             raise FileNotFoundError(f"checkpoint {cfg.ckpt!r} not found (pass --ckpt, a file written by train.py "
@@ -317,16 +318,14 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    cfg = parse_config(EvalConfig, argv, __doc__)
-    try:
-        results = run_evaluation(cfg)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def evaluate_command(cfg: EvalConfig) -> None:
+    results = run_evaluation(cfg)
     print(format_table(results))
     print(f"\nwrote {Path(cfg.out) / 'metrics.json'} and the plots beside it")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_script(EvalConfig, evaluate_command, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 
 import bench
 import data
+import eval_zeroshot
 import synthetic
 import train
 from cli import build_parser, given_flags, parse_config
@@ -40,6 +41,11 @@ BAD_FLAGS = [  # (script's main, argv, the message's key part)
     (bench.main, ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
     (bench.main, ["--steps", "0"], "--steps 0: must be >= 1"),
     (bench.main, ["--preset", "small"], "--preset: invalid choice: 'small'"),
+    (eval_zeroshot.main, ["--data", "imagenet"], "--data: invalid choice: 'imagenet'"),
+    (eval_zeroshot.main, ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (eval_zeroshot.main, ["--n-boot", "0"], "--n-boot 0: must be >= 10"),
+    (eval_zeroshot.main, ["--uncertain", "maybe"], "--uncertain: invalid choice: 'maybe'"),
+    (eval_zeroshot.main, ["--prompts", "clever"], "--prompts: invalid choice: 'clever'"),
 ]
 
 
@@ -81,3 +87,10 @@ def test_help_shows_the_value_each_preset_gives_a_model_setting(capsys):
         assert shown, spec.name
         assert shown.group(1).rstrip(")") in (str(spec.default), f"{spec.default:.4g}" if isinstance(spec.default, float)
                                              else str(spec.default)), spec.name
+
+
+def test_an_unwritable_evaluation_output_fails_before_the_model_is_read(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    argv = ["--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a_file" / "eval")]
+    assert eval_zeroshot.main(argv) == 2
+    assert "--out" in (error := capsys.readouterr().err) and "cannot write there" in error and "missing.pt" not in error
