@@ -274,7 +274,7 @@ def test_mimic_keeps_frontal_images_of_the_split_and_counts_empty_reports(mimic,
     dataset = data.MimicCXR(root, split="train", image_size=16,
                             report_source="txt" if source == "txt" else sectioned)
     assert [item[2] for item in dataset.items] == ["59999991", "59999992", "59999996"]  # PA, AP; no LATERAL
-    assert dataset.skipped == {"empty_report": 1, "no_report": 0}
+    assert dataset.skipped == {"empty_report": 1, "no_report": 0, "no_split_row": 0}
     assert "skipped 1 studies with an empty report" in capsys.readouterr().out
     assert dataset.reports["59999992"] == ("1. Mild pulmonary edema. 2. Small left pleural effusion measuring "
                                            "1.5 cm.")
@@ -460,7 +460,7 @@ def test_missing_report_file_and_bad_xml_are_counted_skips(mimic, tmp_path, caps
     root, _ = mimic
     (root / "files" / "p19" / "p19999992" / "s59999993.txt").unlink()
     validate = data.MimicCXR(root, split="validate", image_size=16)
-    assert len(validate) == 0 and validate.skipped == {"empty_report": 0, "no_report": 1}
+    assert len(validate) == 0 and validate.skipped == {"empty_report": 0, "no_report": 1, "no_split_row": 0}
     make_openi(tmp_path / "openi")
     (tmp_path / "openi" / "ecgen-radiology" / "2.xml").write_text("<eCitation><unclosed>")
     openi = data.OpenI(tmp_path / "openi", image_size=16)
