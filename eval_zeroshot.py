@@ -261,7 +261,7 @@ class EvalConfig:
     batch_size: int = option(32, "images per forward pass", minimum=1)
     workers: int = option(0, "DataLoader worker processes", minimum=0)
     max_images: int = option(0, "evaluate only the first N images / pairs (0 = all)", minimum=0)
-    n_boot: int = option(1000, "bootstrap resamples for the macro-AUC 95% interval", minimum=10)
+    n_boot: int = option(1000, "bootstrap resamples for the macro-AUC 95% interval", minimum=1)
     seed: int = option(0, "bootstrap seed", minimum=0)
     overlays: int = option(8, "grounding overlay PNGs to write", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")

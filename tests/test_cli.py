@@ -43,7 +43,7 @@ BAD_FLAGS = [  # (script's main, argv, the message's key part)
     (bench.main, ["--preset", "small"], "--preset: invalid choice: 'small'"),
     (eval_zeroshot.main, ["--data", "imagenet"], "--data: invalid choice: 'imagenet'"),
     (eval_zeroshot.main, ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
-    (eval_zeroshot.main, ["--n-boot", "0"], "--n-boot 0: must be >= 10"),
+    (eval_zeroshot.main, ["--n-boot", "0"], "--n-boot 0: must be >= 1"),
     (eval_zeroshot.main, ["--uncertain", "maybe"], "--uncertain: invalid choice: 'maybe'"),
     (eval_zeroshot.main, ["--prompts", "clever"], "--prompts: invalid choice: 'clever'"),
 ]

@@ -521,7 +521,7 @@ def test_cli_exits_2_with_a_message_for_a_missing_checkpoint_or_a_wrong_root(tmp
     assert ez.main(["--ckpt", str(ckpt), "--data", "nih", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert ez.main(["--ckpt", str(ckpt), "--data", "mnist", "--out", str(tmp_path)]) == 2
-    assert "expected synthetic, nih" in capsys.readouterr().err
+    assert "--data: invalid choice: 'mnist'" in capsys.readouterr().err
 
 
 def test_json_output_is_atomic_and_strict(tmp_path):
