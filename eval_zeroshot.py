@@ -137,10 +137,10 @@ def _loader(dataset, batch_size: int, workers: int):
 
 
 @torch.no_grad()
-def evaluate_zero_shot(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
-                       cosine: bool = False, batch_size: int = 32, workers: int = 0, n_boot: int = 1000,
-                       seed: int = 0, out_dir=None) -> dict:
-    """Zero-shot metrics over a dataset of (image, labels) pairs; with `out_dir`, also roc_curves.png there."""
+@torch.no_grad()
+def zero_shot_predictions(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
+                          cosine: bool = False, batch_size: int = 32, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, C) and labels (N, C) over a dataset of (image, labels) pairs, in dataset order."""
     model.eval()
     positive, negative = class_embeddings(model, tokenizer, class_prompts(class_names, prompt_set))
     all_scores, all_labels = [], []
@@ -148,7 +148,15 @@ def evaluate_zero_shot(model, tokenizer, dataset, class_names: list[str], prompt
         _, image_emb = model.encode_image(images.to(_model_device(model)))
         all_scores.append(prompt_scores(image_emb, positive, negative, cosine).cpu())
         all_labels.append(labels)
-    scores, labels = torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
+    return torch.cat(all_scores).numpy(), torch.cat(all_labels).numpy()
+
+
+def evaluate_zero_shot(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
+                       cosine: bool = False, batch_size: int = 32, workers: int = 0, n_boot: int = 1000,
+                       seed: int = 0, out_dir=None) -> dict:
+    """Zero-shot metrics over a dataset of (image, labels) pairs; with `out_dir`, also roc_curves.png there."""
+    scores, labels = zero_shot_predictions(model, tokenizer, dataset, class_names, prompt_set, cosine, batch_size,
+                                           workers)
     metrics = classification_metrics(labels, scores, class_names, n_boot, seed)
     metrics.update(prompt_set=prompt_set, scoring="cosine" if cosine else "dot")
     if out_dir is not None:
