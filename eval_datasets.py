@@ -290,6 +290,22 @@ def load_chexpert(root, split: str = "valid", uncertain: str = "maco", frontal_o
     return _keep_existing(items, f"CheXpert {folder / f'{split}.csv'}")
 
 
+def load_chexpert_list(root, split_file) -> list[LabelledImage]:
+    """CheXpert through one of MaCo's split files (§5.3): lines `<Path> a b c d e`, the 5 competition labels as
+    0/1 in CHEXPERT_LABELS order (uncertain labels already resolved). `Path` starts with CheXpert-v1.0-small/:
+    `root` is its parent folder (as released) or the dataset folder itself."""
+    root = check_root(root, "CheXpert")
+    items = []
+    for line in _read_list(Path(root, split_file)):
+        if len(line) != 1 + len(CHEXPERT_LABELS):
+            raise ValueError(f"{split_file}: line {' '.join(line)!r} has {len(line) - 1} labels; CheXpert split lines "
+                             f"are '<Path> <{len(CHEXPERT_LABELS)} labels>' ({', '.join(CHEXPERT_LABELS)})")
+        relative = Path(line[0])
+        path = next((p for p in (root / relative, root / Path(*relative.parts[1:])) if p.is_file()), None)
+        items.append(LabelledImage(str(path) if path else None, np.array([float(v) for v in line[1:]], np.float32)))
+    return _keep_existing(items, f"CheXpert {root}")
+
+
 def synthetic_class_names(root) -> list[str]:
     """The finding names of a synthetic world, in order: the columns of its synthetic-labels.csv after the ids."""
     path = Path(root) / SYNTHETIC_LABELS_CSV

@@ -213,14 +213,14 @@ def _save_figure(figure: Figure, path) -> None:
     write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
 
 
-def plot_roc(labels, scores, class_names: list[str], path, macro: float) -> None:
+def plot_roc(labels, scores, class_names: list[str], path, macro: float, title: str = "Zero-shot ROC") -> None:
     figure = Figure(figsize=(5.5, 5))  # no pyplot: no global backend state (safe inside notebooks)
     axis = figure.subplots()
     for c, name in enumerate(class_names):
         fpr, tpr = roc_curve(labels[:, c], scores[:, c])
         axis.plot(fpr, tpr, lw=1.2, label=f"{name} ({roc_auc(labels[:, c], scores[:, c]):.3f})")
     axis.plot([0, 1], [0, 1], "k:", lw=0.8)
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"Zero-shot ROC (macro AUC {macro:.3f})")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{title} (macro AUC {macro:.3f})")
     axis.legend(fontsize=7, loc="lower right")
     _save_figure(figure, path)
 

@@ -104,19 +104,31 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x += Attn(LN1 x); x += MLP(LN2 x)."""
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch x (B, ...): in training, each sample's whole branch is zeroed with
+    probability `rate` and the kept ones are scaled by 1 / (1 - rate), so the expected output is unchanged.
+    The identity in eval mode or at rate 0 (then no random number is drawn)."""
+    if rate == 0.0 or not training:
+        return x
+    keep = (torch.rand(x.shape[0], *(1,) * (x.dim() - 1), device=x.device) >= rate).to(x.dtype)  # (B, 1, ...)
+    return x * keep / (1 - rate)
 
-    def __init__(self, width, num_heads, mlp_ratio=4.0):
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x += DropPath(Attn(LN1 x)); x += DropPath(MLP(LN2 x)).
+    drop_path_rate 0 (the default, pretraining) leaves it a plain block; fine-tuning sets it (finetune.py)."""
+
+    def __init__(self, width, num_heads, mlp_ratio=4.0, drop_path_rate=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, num_heads)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.drop_path_rate = drop_path_rate
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 def init_vit_weights(module):
@@ -142,9 +154,11 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT encoder. forward(imgs (B, C, S, S), mask_ratio) -> (h, mask, ids_restore):
     h (B, 1 + K, D) after the final LayerNorm (cls first), mask (B, L) 1 = removed, ids_restore (B, L).
-    With mask_ratio = 0 every patch is kept in its original order (evaluation)."""
+    With mask_ratio = 0 every patch is kept in its original order (evaluation). drop_path: the stochastic-depth
+    rate of the last block (see set_drop_path); 0 in pretraining."""
 
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, width=768, depth=12, num_heads=12, mlp_ratio=4.0):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, width=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 drop_path=0.0):
         super().__init__()
         self.patch_size, self.grid_size = patch_size, img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, width)
@@ -157,6 +171,14 @@ class VisionTransformer(nn.Module):
         # the patch embedding is initialised like a Linear on its flattened (D, C*p*p) view
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(width, -1))
         nn.init.normal_(self.cls_token, std=0.02)
+        self.set_drop_path(drop_path)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly over depth, from 0 at the first block to `rate` at the last (the common
+        ViT practice; the released fine-tuning uses 0.1, docs/method.md §10). Settable on a loaded encoder."""
+        depth = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            block.drop_path_rate = rate * i / max(depth - 1, 1)
 
     def forward(self, imgs, mask_ratio: float = 0.0, generator: torch.Generator | None = None):
         x = self.patch_embed(imgs)  # (B, L, D)

@@ -10,7 +10,7 @@ from maco import MaCo, MaCoConfig
 from loss import clip_loss
 from text_encoder import TextEncoder
 from tokenizer import encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
-from vit import VisionTransformer, patchify, random_masking, sincos_2d_pos_embed, unpatchify
+from vit import VisionTransformer, drop_path, patchify, random_masking, sincos_2d_pos_embed, unpatchify
 
 REPORTS = ["Heart size is normal. Nodule measures 1.5 cm in the right upper lobe.",
            "No pleural effusion or pneumothorax. The lungs are clear.",
@@ -77,6 +77,32 @@ def test_encoder_without_masking_keeps_every_token_in_order():
     h, mask, ids_restore = vit(torch.randn(2, 1, 32, 32))
     assert h.shape == (2, 17, 16) and mask.sum() == 0
     assert torch.equal(ids_restore, torch.arange(16).expand(2, 16))
+
+
+def test_drop_path_is_the_identity_in_eval_and_drops_whole_residual_branches_per_sample_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(400, 5, 6) + 3.0  # no zeros, so a zeroed entry can only come from a dropped branch
+    state = torch.get_rng_state()
+    assert torch.equal(drop_path(x, 0.25, training=False), x) and torch.equal(drop_path(x, 0.0, training=True), x)
+    assert torch.equal(torch.get_rng_state(), state)  # rate 0 or eval draws nothing: pretraining's RNG is untouched
+    ratio = drop_path(x, 0.25, training=True) / x  # per sample: 0 everywhere, or 1 / (1 - 0.25) everywhere
+    dropped = (ratio == 0).flatten(1).all(1)
+    kept = torch.isclose(ratio, torch.tensor(4 / 3)).flatten(1).all(1)
+    assert torch.all(dropped ^ kept)
+    assert 0.15 < dropped.float().mean() < 0.35  # about a quarter of the samples
+
+
+def test_encoder_drop_path_rises_linearly_over_depth_and_changes_nothing_in_eval_mode():
+    torch.manual_seed(0)
+    plain = VisionTransformer(img_size=32, patch_size=8, in_chans=1, width=16, depth=5, num_heads=2)
+    deep = VisionTransformer(img_size=32, patch_size=8, in_chans=1, width=16, depth=5, num_heads=2, drop_path=0.1)
+    assert [b.drop_path_rate for b in plain.blocks] == [0.0] * 5
+    assert [b.drop_path_rate for b in deep.blocks] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
+    deep.load_state_dict(plain.state_dict())
+    imgs = torch.randn(3, 1, 32, 32)
+    assert torch.equal(deep.eval()(imgs)[0], plain.eval()(imgs)[0])
+    deep.set_drop_path(0.9)
+    assert not torch.equal(deep.train()(imgs)[0], plain.train()(imgs)[0])
 
 
 def test_mae_named_state_dict_loads_strictly_into_the_encoder():
