@@ -47,6 +47,15 @@ CONTEXT_SECTIONS = {"examination", "indication", "history", "clinical history", 
 # ----------------------------------------------------------------------------------------------------------
 # Images (D8)
 
+def grey_8bit(image: Image.Image) -> Image.Image:
+    """8-bit grey. 16-bit PNGs and float images are min-max scaled to 8 bits first, as MIMIC-CXR-JPG was made
+    (a plain convert would clip them)."""
+    if image.mode in ("I", "I;16", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.round((array - array.min()) / max(np.ptp(array), 1e-12) * 255).astype(np.uint8))
+    return image.convert("L")
+
+
 def resize_to_square(image: Image.Image, size: int, resize: str = "letterbox") -> np.ndarray:
     """8-bit greyscale square of side `size`: uint8 (size, size). Bicubic resampling (antialiased by PIL).
 
@@ -63,10 +72,7 @@ def resize_to_square(image: Image.Image, size: int, resize: str = "letterbox") -
     # integer floor, as eval/box_transfer.py: the reference side becomes exactly `size`
     new_w, new_h = max(1, width * size // reference), max(1, height * size // reference)
     image.draft("L", (new_w, new_h))  # no-op unless a not-yet-decoded JPEG
-    if image.mode in ("I", "I;16", "F"):  # 16-bit PNG: min-max to 8 bits as MIMIC-CXR-JPG (convert would clip)
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.round((array - array.min()) / max(np.ptp(array), 1e-12) * 255).astype(np.uint8))
-    image = image.convert("L").resize((new_w, new_h), Image.Resampling.BICUBIC)
+    image = grey_8bit(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     if resize == "crop":
         left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
         return np.asarray(image.crop((left, top, left + size, top + size)))

@@ -333,6 +333,67 @@ def load_synthetic(root, class_names: list[str] | None = None, split: str = "tes
     return _keep_existing(items, f"synthetic {root}")
 
 
+# ----------------------------------------------------------------------------- MaCo's released split files
+
+# released split files (docs/datasets.md): the folder of each set, and the labels on each line (SIIM: none)
+SPLIT_FOLDERS = {"nih": "NIH_ChestX-ray", "chexpert": "CheXpert", "rsna": "RSNA_Pneumonia",
+                 "siim": "SIIM-ACR_Pneumothorax"}
+SPLIT_CLASSES = {"nih": NIH_LABELS, "chexpert": CHEXPERT_LABELS, "rsna": ["Lung Opacity"],
+           "siim": ["Pneumothorax"]}
+LABELS_PER_LINE = {"nih": 14, "chexpert": 5, "rsna": 1, "siim": 0}
+TRAIN_FILES = {0.01: "train_1", 0.1: "train_10", 1.0: "train_list"}
+
+
+def read_split_file(path, labels_per_line: int) -> list[tuple[str, np.ndarray]]:
+    """One released split file: `<image> <labels...>` per line, whitespace-separated (CRLF, trailing spaces and a
+    missing final newline are fine). Returns [(image, labels (labels_per_line,) float32)]. A missing or empty file,
+    or a line with another number of labels, is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} not found (the released DatasetsSplits/<set>/"
+                                f"{{train_1,train_10,train_list,val_list,test_list}}.txt, docs/datasets.md)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 1 + labels_per_line:
+            raise ValueError(f"{path}, line {number}: {len(fields) - 1} labels after the image, expected "
+                             f"{labels_per_line}; is this the split file of another data set?")
+        try:
+            rows.append((fields[0], np.array(fields[1:], dtype=np.float32)))
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: the labels {fields[1:]} are not numbers") from None
+    if not rows:
+        raise ValueError(f"split file {path} is empty (expected one '<image> [labels...]' per line)")
+    return rows
+
+
+def split_path(split_dir, data: str, name: str) -> Path:
+    """DatasetsSplits/<set folder>/<name>.txt, or <name>.txt when --split-dir is that set's folder itself."""
+    candidates = [Path(split_dir) / SPLIT_FOLDERS[data] / f"{name}.txt", Path(split_dir) / f"{name}.txt"]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"split file {name}.txt not found: looked for {candidates[0]} and {candidates[1]}")
+    return found
+
+
+def load_split(data: str, root, split_dir, name: str) -> list[LabelledImage]:
+    """The images of one released split file, through the data set's loader in py."""
+    path = split_path(split_dir, data, name)
+    rows = read_split_file(path, LABELS_PER_LINE[data])
+    if data == "nih":
+        items = load_nih(root, split_file=str(path.resolve()))
+    elif data == "chexpert":
+        items = load_chexpert_list(root, path.resolve())
+    elif data == "rsna":
+        items = load_rsna(root, split_file=str(path.resolve()))
+    else:
+        items = load_siim(root, split_file=str(path.resolve()))
+    print(f"{path}: {len(items)} of {len(rows)} listed images")
+    return items
+
+
 # ----------------------------------------------------------------------------- grounding (MS-CXR format)
 
 def load_ms_cxr(csv_path, image_root) -> list[GroundingPair]:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import eval_datasets
 from checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic, write_json
 from cli import check_options, parse_config, option
-from data import to_model_input
+from data import grey_8bit, to_model_input
 from devices import autocast, pick_device
 from eval_zeroshot import plot_roc
 from maco import PRESETS, MaCo, MaCoConfig, load_checkpoint, load_mae_encoder
@@ -71,15 +71,6 @@ RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct /
                                  warmup_steps=warmup)
            for data, schedule in SCHEDULES.items() for pct, (lr, steps, warmup) in schedule.items()}
 GROUPS = {data: [f"{data}-{pct}" for pct in schedule] for data, schedule in SCHEDULES.items()}
-# released split files (docs/datasets.md): the folder of each set, and the labels on each line (SIIM: none)
-SPLIT_FOLDERS = {"nih": "NIH_ChestX-ray", "chexpert": "CheXpert", "rsna": "RSNA_Pneumonia",
-                 "siim": "SIIM-ACR_Pneumothorax"}
-CLASSES = {"nih": eval_datasets.NIH_LABELS, "chexpert": eval_datasets.CHEXPERT_LABELS, "rsna": ["Lung Opacity"],
-           "siim": ["Pneumothorax"]}
-LABELS_PER_LINE = {"nih": 14, "chexpert": 5, "rsna": 1, "siim": 0}
-TRAIN_FILES = {0.01: "train_1", 0.1: "train_10", 1.0: "train_list"}
-
-
 @dataclass
 class FinetuneConfig:
     recipe: str = option("synthetic", "data set and schedule: <set>-<percent of labels> (nih-1, chexpert-10, ...) or "
@@ -156,57 +147,7 @@ def resolve(cfg: FinetuneConfig) -> list[FinetuneConfig]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: the released split files, the synthetic world, nested label subsets, image pipelines
-
-def read_split_file(path, labels_per_line: int) -> list[tuple[str, np.ndarray]]:
-    """One released split file: `<image> <labels...>` per line, whitespace-separated (CRLF, trailing spaces and a
-    missing final newline are fine). Returns [(image, labels (labels_per_line,) float32)]. A missing or empty file,
-    or a line with another number of labels, is a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"split file {path} not found (the released DatasetsSplits/<set>/"
-                                f"{{train_1,train_10,train_list,val_list,test_list}}.txt, docs/datasets.md)")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 1 + labels_per_line:
-            raise ValueError(f"{path}, line {number}: {len(fields) - 1} labels after the image, expected "
-                             f"{labels_per_line}; is this the split file of another data set?")
-        try:
-            rows.append((fields[0], np.array(fields[1:], dtype=np.float32)))
-        except ValueError:
-            raise ValueError(f"{path}, line {number}: the labels {fields[1:]} are not numbers") from None
-    if not rows:
-        raise ValueError(f"split file {path} is empty (expected one '<image> [labels...]' per line)")
-    return rows
-
-
-def split_path(split_dir, data: str, name: str) -> Path:
-    """DatasetsSplits/<set folder>/<name>.txt, or <name>.txt when --split-dir is that set's folder itself."""
-    candidates = [Path(split_dir) / SPLIT_FOLDERS[data] / f"{name}.txt", Path(split_dir) / f"{name}.txt"]
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"split file {name}.txt not found: looked for {candidates[0]} and {candidates[1]}")
-    return found
-
-
-def load_split(data: str, root, split_dir, name: str) -> list[eval_datasets.LabelledImage]:
-    """The images of one released split file, through the data set's loader in eval_datasets.py."""
-    path = split_path(split_dir, data, name)
-    rows = read_split_file(path, LABELS_PER_LINE[data])
-    if data == "nih":
-        items = eval_datasets.load_nih(root, split_file=str(path.resolve()))
-    elif data == "chexpert":
-        items = eval_datasets.load_chexpert_list(root, path.resolve())
-    elif data == "rsna":
-        items = eval_datasets.load_rsna(root, split_file=str(path.resolve()))
-    else:
-        items = eval_datasets.load_siim(root, split_file=str(path.resolve()))
-    print(f"{path}: {len(items)} of {len(rows)} listed images")
-    return items
-
+# Data: the released split files (eval_datasets.load_split), the synthetic world, nested label subsets, images
 
 def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     """Indices of the first ceil(fraction * n) items of a seeded permutation of range(n): the same for a seed,
@@ -226,12 +167,12 @@ def load_data(run: FinetuneConfig) -> dict:
         train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
         val, test = (eval_datasets.load_synthetic(run.root, names, split) for split in ("validate", "test"))
     else:
-        names = CLASSES[data]
-        file = TRAIN_FILES.get(run.label_fraction)
-        train = load_split(data, run.root, run.split_dir, file or "train_list")
+        names = eval_datasets.SPLIT_CLASSES[data]
+        file = eval_datasets.TRAIN_FILES.get(run.label_fraction)
+        train = eval_datasets.load_split(data, run.root, run.split_dir, file or "train_list")
         if file is None:  # another fraction: a nested subsample of the whole training list
             train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
-        val, test = (load_split(data, run.root, run.split_dir, name) for name in ("val_list", "test_list"))
+        val, test = (eval_datasets.load_split(data, run.root, run.split_dir, name) for name in ("val_list", "test_list"))
     for items, what in ((train, "training"), (val, "validation"), (test, "test")):
         if items[0].labels.shape[0] != len(names):
             raise ValueError(f"the {what} labels have {items[0].labels.shape[0]} classes; {data} has {len(names)}")
@@ -248,14 +189,6 @@ def load_data(run: FinetuneConfig) -> dict:
         print(f"warning: in the {len(train)} training images of {run.recipe}, {', '.join(absent)} never "
               f"(or always) occur: their outputs learn only that; their test AUC is still measured")
     return dict(train=train, val=val, test=test, class_names=names, train_positives=positives)
-
-
-def grey_8bit(image: Image.Image) -> Image.Image:
-    """8-bit grey; 16-bit or float images are min-max scaled first, as data.resize_to_square does."""
-    if image.mode in ("I", "I;16", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.round((array - array.min()) / max(np.ptp(array), 1e-12) * 255).astype(np.uint8))
-    return image.convert("L")
 
 
 class FinetuneDataset(torch.utils.data.Dataset):

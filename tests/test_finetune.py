@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_datasets
 import finetune as ft
 from fixtures_eval import SIIM_NEGATIVE, SIIM_POSITIVE, SIIM_TWO_REGIONS, make_chexpert, make_nih, make_rsna, \
     make_siim, write_text
@@ -111,23 +112,23 @@ def nih_splits(root, split_dir):
 
 def test_split_reader_reads_every_released_format(tmp_path):
     nih_splits(tmp_path / "nih", tmp_path / "splits")
-    rows = ft.read_split_file(tmp_path / "splits/NIH_ChestX-ray/train_list.txt", 14)
+    rows = eval_datasets.read_split_file(tmp_path / "splits/NIH_ChestX-ray/train_list.txt", 14)
     assert [name for name, _ in rows] == [line.split()[0] for line in NIH_LINES]
     assert rows[3][1].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0] and rows[3][1].dtype == np.float32
     rsna = write_text(tmp_path / "rsna.txt", "stage_2_train_images/0004cfab-14fd-4e49-80ba-63a80b6bddd6.dcm 0 \n"
                       "stage_2_test_images/2d29c5d7-cd1e-4fb7-896b-c55b69ca6c96.dcm 1 \n")  # trailing spaces
-    assert [(name[-9:], labels.tolist()) for name, labels in ft.read_split_file(rsna, 1)] == [
+    assert [(name[-9:], labels.tolist()) for name, labels in eval_datasets.read_split_file(rsna, 1)] == [
         ("bddd6.dcm", [0.0]), ("a6c96.dcm", [1.0])]
     siim = write_text(tmp_path / "siim.txt", f"{SIIM_POSITIVE}\n{SIIM_NEGATIVE}")  # ids only
-    assert [(n, l.shape) for n, l in ft.read_split_file(siim, 0)] == [(SIIM_POSITIVE, (0,)), (SIIM_NEGATIVE, (0,))]
+    assert [(n, l.shape) for n, l in eval_datasets.read_split_file(siim, 0)] == [(SIIM_POSITIVE, (0,)), (SIIM_NEGATIVE, (0,))]
     chexpert = write_text(tmp_path / "chexpert.txt",
                           "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg 0 1 0 0 0\n")
-    assert ft.read_split_file(chexpert, 5)[0][1].tolist() == [0, 1, 0, 0, 0]
+    assert eval_datasets.read_split_file(chexpert, 5)[0][1].tolist() == [0, 1, 0, 0, 0]
 
 
 def test_each_set_loads_its_split_files_through_its_loader(tmp_path):
     nih_splits(tmp_path / "nih", tmp_path / "splits")
-    items = ft.load_split("nih", tmp_path / "nih", tmp_path / "splits", "train_10")
+    items = eval_datasets.load_split("nih", tmp_path / "nih", tmp_path / "splits", "train_10")
     assert [item.labels.tolist()[10] for item in items] == [1.0, 0.0]  # the list's labels, not the CSV's
     assert items[0].path.endswith("images/00000001_001.png")
 
@@ -135,12 +136,12 @@ def test_each_set_loads_its_split_files_through_its_loader(tmp_path):
     write_text(tmp_path / "splits/RSNA_Pneumonia/val_list.txt",
                "stage_2_train_images/0004cfab-14fd-4e49-80ba-63a80b6bddd6.dcm 0 \n"
                "stage_2_train_images/00436515-870c-4b36-a041-de91049b9ab4.dcm 1 \n")
-    items = ft.load_split("rsna", tmp_path / "rsna", tmp_path / "splits", "val_list")
+    items = eval_datasets.load_split("rsna", tmp_path / "rsna", tmp_path / "splits", "val_list")
     assert [item.labels.tolist() for item in items] == [[0.0], [1.0]] and items[1].path.endswith(".png")
 
     make_siim(tmp_path / "siim")
     write_text(tmp_path / "splits/SIIM-ACR_Pneumothorax/test_list.txt", f"{SIIM_NEGATIVE}\n{SIIM_TWO_REGIONS}\n")
-    items = ft.load_split("siim", tmp_path / "siim", tmp_path / "splits", "test_list")
+    items = eval_datasets.load_split("siim", tmp_path / "siim", tmp_path / "splits", "test_list")
     assert [item.labels.tolist() for item in items] == [[0.0], [1.0]]  # from train-rle.csv
 
     make_chexpert(tmp_path / "chexpert")
@@ -148,7 +149,7 @@ def test_each_set_loads_its_split_files_through_its_loader(tmp_path):
                "CheXpert-v1.0-small/train/patient00002/study2/view1_frontal.jpg 1 0 0 1 1\n"
                "CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg 0 1 0 0 0\n")
     for root in (tmp_path / "chexpert", tmp_path / "chexpert/CheXpert-v1.0-small"):  # its parent or itself
-        items = ft.load_split("chexpert", root, tmp_path / "splits/CheXpert", "train_1")
+        items = eval_datasets.load_split("chexpert", root, tmp_path / "splits/CheXpert", "train_1")
         assert [item.labels.tolist() for item in items] == [[1, 0, 0, 1, 1], [0, 1, 0, 0, 0]]
         assert items[1].path.endswith("valid/patient64541/study1/view1_frontal.jpg")
 
@@ -173,17 +174,17 @@ def test_missing_and_empty_split_files_are_clear_errors(tmp_path):
     nih_splits(tmp_path / "nih", tmp_path / "splits")
     (tmp_path / "splits/NIH_ChestX-ray/val_list.txt").unlink()
     with pytest.raises(FileNotFoundError, match="val_list.txt not found"):
-        ft.load_split("nih", tmp_path / "nih", tmp_path / "splits", "val_list")
+        eval_datasets.load_split("nih", tmp_path / "nih", tmp_path / "splits", "val_list")
     write_text(tmp_path / "splits/NIH_ChestX-ray/val_list.txt", "\r\n  \r\n")
     with pytest.raises(ValueError, match="is empty"):
-        ft.load_split("nih", tmp_path / "nih", tmp_path / "splits", "val_list")
+        eval_datasets.load_split("nih", tmp_path / "nih", tmp_path / "splits", "val_list")
 
 
 def test_a_split_file_of_another_class_count_is_refused(tmp_path):
     nih_splits(tmp_path / "nih", tmp_path / "splits")
     write_text(tmp_path / "splits/NIH_ChestX-ray/train_1.txt", "00000001_000.png 0 1 0 0 0\n")  # CheXpert's 5
     with pytest.raises(ValueError, match="line 1: 5 labels after the image, expected 14"):
-        ft.load_split("nih", tmp_path / "nih", tmp_path / "splits", "train_1")
+        eval_datasets.load_split("nih", tmp_path / "nih", tmp_path / "splits", "train_1")
 
 
 # -- schedule and loss ----------------------------------------------------------------------------------------
