@@ -116,3 +116,51 @@ def test_reconstruction_loss_normalises_each_target_patch():
     normalised = torch.tensor([[[-1.0, 1.0], [-1.0, 1.0]]]) / math.sqrt(2)
     assert reconstruction_loss(normalised, target, mask, norm_pix=True).item() == pytest.approx(0.0, abs=1e-6)
     assert reconstruction_loss(normalised, target, mask, norm_pix=False).item() > 1.0
+
+
+def test_float64_inputs_stay_float64_and_match_hand_written_formulas_to_1e_12():
+    """The losses upcast half precision only: float64 in, float64 out, equal to the formulas of 6.3 in float64."""
+    c = F.softplus(VISIBLE @ W + B)
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    logits = scale * F.normalize(IMG, dim=1) @ F.normalize(TXT, dim=1).T
+    y = torch.arange(3)
+    log_softmax_diag = lambda x: x.log_softmax(dim=1).diagonal()  # noqa: E731
+    t1 = -log_softmax_diag(c[:, None] * logits).mean()
+    t2 = -log_softmax_diag(c[:, None] * logits.T).mean()
+    t3 = -(c * log_softmax_diag(logits)).sum() / c.sum()
+    t4 = -(c * log_softmax_diag(logits.T)).sum() / c.sum()
+    weighted = correlation_weighted_contrastive_loss(IMG, TXT, c, scale)
+    plain = clip_loss(IMG, TXT, scale)
+    assert weighted.dtype == torch.float64 and plain.dtype == torch.float64
+    assert weighted.item() == pytest.approx(((t1 + t2 + t3 + t4) / 4).item(), abs=1e-12)
+    assert plain.item() == pytest.approx(((-log_softmax_diag(logits).mean() - log_softmax_diag(logits.T).mean()) / 2).item(), abs=1e-12)
+    assert reconstruction_loss(IMG[None], TXT[None], torch.ones(1, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_half_precision_inputs_are_upcast_to_float32():
+    img, txt = IMG.to(torch.bfloat16), TXT.to(torch.bfloat16)
+    assert clip_loss(img, txt, torch.tensor(5.0, dtype=torch.bfloat16)).dtype == torch.float32
+    assert correlation_weighted_contrastive_loss(img, txt, torch.ones(3, dtype=torch.float16),
+                                                 torch.tensor(5.0)).dtype == torch.float32
+
+
+def test_gradcheck_of_both_contrastive_losses_in_float64():
+    """Analytic gradients equal finite differences in float64 (to 1e-8): both losses in the embeddings and the
+    temperature; the weighted one also in the weights c, where by design (sg(c)) only the scaled-logit terms
+    T1, T2 carry a gradient, so the check subtracts the value of the detached terms T3, T4."""
+    generator = torch.Generator().manual_seed(0)
+    img = torch.randn(5, 4, dtype=torch.float64, generator=generator).requires_grad_(True)
+    txt = torch.randn(5, 4, dtype=torch.float64, generator=generator).requires_grad_(True)
+    weights = torch.rand(5, dtype=torch.float64, generator=generator) + 0.5
+    scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    check = lambda f, inputs: torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)  # noqa: E731
+    assert check(clip_loss, (img, txt, scale))
+    assert check(lambda i, t, s: correlation_weighted_contrastive_loss(i, t, weights, s), (img, txt, scale))
+    y = torch.arange(5)
+
+    def scaled_terms_gradient_only(c):
+        logits = scale.detach() * F.normalize(img.detach(), dim=1) @ F.normalize(txt.detach(), dim=1).T
+        detached_terms = (F.cross_entropy(logits, y, weight=c.detach()) + F.cross_entropy(logits.T, y, weight=c.detach())) / 4
+        return correlation_weighted_contrastive_loss(img.detach(), txt.detach(), c, scale.detach()) - detached_terms
+
+    assert check(scaled_terms_gradient_only, (weights.clone().requires_grad_(True),))

@@ -294,3 +294,14 @@ def test_optimizer_exempts_biases_norms_tokens_and_temperature_from_weight_decay
                    "image_encoder.blocks.0.attn.qkv.bias", "text_encoder.embeddings.position_embeddings.weight"]:
         assert exempt not in names
     assert len(decayed) + len(optimizer.param_groups[1]["params"]) == len(list(model.parameters()))
+
+
+def test_a_float64_model_runs_its_forward_and_backward_in_float64():
+    torch.manual_seed(0)
+    cfg = MaCoConfig.preset("tiny")
+    model = MaCo(cfg).double()
+    images, input_ids, attention_mask = tiny_batch(cfg)
+    out = model(images.double(), input_ids, attention_mask)
+    assert out["loss"].dtype == torch.float64 and out["loss_con"].dtype == torch.float64
+    out["loss"].backward()
+    assert model.correlation_head.weight.grad.dtype == torch.float64
