@@ -5,7 +5,11 @@ prompts and of its negative prompts: p = softmax([z·e+, z·e-])[0] = sigmoid(z�
 released (cosine as an option). Metrics: ROC AUC per class (Mann-Whitney, ties count 1/2) and its macro mean
 with a bootstrap 95% interval, F1 and accuracy at 0.5.
 Grounding (§9): a similarity map per (image, phrase) from the patch embeddings weighted by the correlation
-head's spatial prior, smoothed, upsampled and scaled to [-1, 1]; CNR, mIoU over 5 thresholds, pointing game.
+head's spatial prior (released; `--readout cosine`: each patch's cosine with the phrase, no prior), smoothed,
+upsampled and scaled to [-1, 1]; CNR, mIoU over 5 thresholds, pointing game. Every pair is also scored with
+another finding's phrase and with the empty phrase: maps that ground the words change with them (§9).
+Diagnostics of why a model grounds or does not (text separation, patch-phrase alignment, prior coverage,
+patch probe, embedding geometry) live in diagnostics.py.
 
     python eval_zeroshot.py --ckpt runs/maco/checkpoint.pt              # synthetic test split (data/synthetic)
     python eval_zeroshot.py --ckpt ckpt.pt --data nih --root /data/NIH   # or rsna, siim, chexpert, ms-cxr
@@ -102,31 +106,58 @@ def grounding_caption(phrase: str) -> str:
     return "".join(kept) or phrase.strip().lower() + ". "
 
 
-@torch.no_grad()
-def similarity_map(model, images: torch.Tensor, phrases, tokenizer=None, sigma: float = 1.5,
-                   prior_temperature: float = 0.02) -> torch.Tensor:
-    """Grounding maps (D10). images: (B, C, S, S) or (C, S, S), preprocessed; phrases: text embeddings (B, D)
-    or (D,), or strings (then `tokenizer` is needed). Returns CPU maps (B, S, S) (or (S, S)) in [-1, 1]."""
-    single = images.dim() == 3
-    images = (images[None] if single else images).to(_model_device(model))
-    if isinstance(phrases, str):
-        phrases = [phrases]
-    if isinstance(phrases, (list, tuple)):
-        phrases = embed_texts(model, tokenizer, [grounding_caption(p) for p in phrases])
-    phrase_embs = phrases.reshape(-1, phrases.shape[-1]).to(images.device)  # (B, D)
-    patch_emb, _ = model.encode_image(images)  # (B, N, D) projected patch tokens P_I(h_n)
+READOUTS = ("prior", "cosine")  # the first is the default of evaluate_grounding and of the command line
+
+
+def maps_from_patches(patch_emb: torch.Tensor, phrase_embs: torch.Tensor, prior: torch.Tensor, size: int,
+                      readout: str = "prior", sigma: float = 1.5) -> torch.Tensor:
+    """Grounding maps from patch embeddings (B, N, D) and phrase embeddings (B, D): CPU (B, size, size) in [-1, 1].
+
+    readout "prior" (released, D10): S_n = alpha_n P_n . t with the spatial prior `prior` = alpha (N,), a raw dot
+    product. readout "cosine": S_n = cos(P_n, t) without the prior (as BioViL reads its maps): a patch counts by
+    its direction only, and no position is favoured before the phrase is read."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     batch, num_patches, _ = patch_emb.shape
-    prior = model.spatial_prior(prior_temperature)  # (N,) α = softmax(w / 0.02)
-    similarity = torch.einsum("bnd,bd->bn", patch_emb * prior[:, None], phrase_embs)  # raw dot product
+    phrase_embs = phrase_embs.to(patch_emb.device, patch_emb.dtype)
+    if readout == "prior":
+        weighted = patch_emb * prior.to(patch_emb.device, patch_emb.dtype)[:, None]  # (B, N, D) alpha_n P_n
+        similarity = torch.einsum("bnd,bd->bn", weighted, phrase_embs)  # (B, N) raw dot product
+    else:
+        similarity = torch.einsum("bnd,bd->bn", F.normalize(patch_emb, dim=-1), F.normalize(phrase_embs, dim=-1))
     grid = int(round(num_patches ** 0.5))
     # float64 on the CPU (the maps are small): min-max scaling must tell a flat map from rounding noise
     maps = gaussian_smooth(similarity.view(batch, grid, grid).cpu().double(), sigma)  # (B, g, g), sigma in patches
-    maps = F.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]  # (B, S, S)
     low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
     spread = high - low
     has_contrast = spread > 1e-9 * torch.maximum(high.abs(), low.abs())  # not just rounding of a constant map
     maps = torch.where(has_contrast, 2 * (maps - low) / torch.where(has_contrast, spread, 1.0) - 1, 0.0)
-    maps = maps.float()  # (B, S, S) in [-1, 1]; a constant map becomes 0
+    return maps.float()  # (B, S, S) in [-1, 1]; a constant map becomes 0
+
+
+def phrase_embeddings(model, tokenizer, phrases) -> torch.Tensor:
+    """Phrase embeddings (B, D) from strings (each through grounding_caption; "" is the empty phrase, the bare
+    [CLS]) or from embeddings (B, D) or (D,) already computed."""
+    if isinstance(phrases, str):
+        phrases = [phrases]
+    if isinstance(phrases, (list, tuple)):
+        phrases = embed_texts(model, tokenizer, [grounding_caption(p) if p.strip() else "" for p in phrases])
+    return phrases.reshape(-1, phrases.shape[-1])
+
+
+@torch.no_grad()
+def similarity_map(model, images: torch.Tensor, phrases, tokenizer=None, sigma: float = 1.5,
+                   prior_temperature: float = 0.02, readout: str = "prior") -> torch.Tensor:
+    """Grounding maps (D10). images: (B, C, S, S) or (C, S, S), preprocessed; phrases: text embeddings (B, D)
+    or (D,), or strings (then `tokenizer` is needed; "" is the empty phrase). readout: "prior" (released) or
+    "cosine" (see maps_from_patches). Returns CPU maps (B, S, S) (or (S, S)) in [-1, 1]."""
+    single = images.dim() == 3
+    images = (images[None] if single else images).to(_model_device(model))
+    phrase_embs = phrase_embeddings(model, tokenizer, phrases).to(images.device)  # (B, D)
+    patch_emb, _ = model.encode_image(images)  # (B, N, D) projected patch tokens P_I(h_n)
+    maps = maps_from_patches(patch_emb, phrase_embs, model.spatial_prior(prior_temperature), images.shape[-1],
+                             readout, sigma)
     return maps[0] if single else maps
 
 
@@ -136,7 +167,6 @@ def _loader(dataset, batch_size: int, workers: int):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def zero_shot_predictions(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
                           cosine: bool = False, batch_size: int = 32, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -179,32 +209,85 @@ def grounding_summary(pairs: list[dict]) -> dict:
     return dict(n_pairs=len(pairs), overall=overall, category_mean=category_mean, per_category=per_category)
 
 
+def swapped_phrases(pairs) -> tuple[list[str], list[bool]]:
+    """For each grounding pair, the phrase of a pair of a *different* finding: the first such pair on the same
+    image (dataset order), else, when the image shows one finding only, the next pair in dataset order
+    (cyclically) of another category. Deterministic. Returns (phrases, taken-from-the-same-image flags); a
+    dataset with one category only gets "" (the empty phrase) throughout."""
+    by_image = {}
+    for index, pair in enumerate(pairs):
+        by_image.setdefault(pair.path, []).append(index)
+    phrases, same_image = [], []
+    for index, pair in enumerate(pairs):
+        others = [j for j in by_image[pair.path] if pairs[j].category != pair.category]
+        if not others:
+            following = (j % len(pairs) for j in range(index + 1, index + len(pairs)))
+            others = [j for j in following if pairs[j].category != pair.category][:1]
+        phrases.append(pairs[others[0]].phrase if others else "")
+        same_image.append(bool(others) and pairs[others[0]].path == pair.path)
+    return phrases, same_image
+
+
+PHRASES = ("true", "swapped", "prior_only")  # its own phrase, another finding's phrase, the empty phrase
+
+
 @torch.no_grad()
 def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers: int = 0, out_dir=None,
-                       n_overlays: int = 8) -> dict:
+                       n_overlays: int = 8, readout: str = READOUTS[0]) -> dict:
     """Grounding metrics over a `eval_datasets.GroundingDataset`; with `out_dir`, overlays of the first pairs.
+
+    Phrase specificity: every pair is scored three times on the same image, with its own phrase (the headline
+    rows), with the phrase of a different finding (`swapped`, see swapped_phrases) and with the empty phrase
+    (`prior_only`: the bare [CLS] embedding, what the prior and the image give without words). A model that
+    grounds words scores far lower with the swapped phrase than with its own. Both readouts are measured:
+    `readout` picks the headline one, the other's three summaries are kept under `other_readout`.
     A box that floors to nothing in the model's frame (a few pixels wide at a small input size) has no
     defined metric: such pairs are counted as `skipped_empty_boxes`, not scored."""
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     model.eval()
-    pairs, skipped = [], 0
+    swapped, same_image = swapped_phrases(dataset.pairs)
+    empty = phrase_embeddings(model, tokenizer, [""])  # (1, D)
+    prior = model.spatial_prior()  # (N,)
+    scored = {(r, c): [] for r in READOUTS for c in PHRASES}
+    skipped, start = 0, 0
     for batch in tqdm(_loader(dataset, batch_size, workers), desc="grounding", leave=False):
-        maps = similarity_map(model, batch["image"], list(batch["phrase"]), tokenizer).cpu()
-        for i, heat in enumerate(maps):
-            mask = batch["mask"][i]
-            if not mask.any():
-                skipped += 1
-                continue
-            pair = dict(path=batch["path"][i], phrase=batch["phrase"][i], category=batch["category"][i],
-                        cnr=cnr(heat, mask), miou=miou(heat, mask), iou=iou_at_thresholds(heat, mask).tolist(),
-                        pointing_game=pointing_game(heat, mask))
-            pair["abs_cnr"] = abs(pair["cnr"])
-            if out_dir is not None and len(pairs) < n_overlays:
-                plot_overlay(batch["image"][i], mask, heat, Path(out_dir) / f"grounding_{len(pairs):03d}.png",
-                             f"{pair['category']}: {pair['phrase']}\nCNR {pair['cnr']:.2f}  mIoU {pair['miou']:.2f}")
-            pairs.append(pair)
+        n = len(batch["phrase"])
+        patch_emb, _ = model.encode_image(batch["image"].to(_model_device(model)))  # (B, N, D)
+        phrase_embs = {"true": phrase_embeddings(model, tokenizer, list(batch["phrase"])),
+                       "swapped": phrase_embeddings(model, tokenizer, swapped[start:start + n]),
+                       "prior_only": empty.expand(n, -1)}  # each (B, D)
+        for r in READOUTS:
+            for c in PHRASES:
+                maps = maps_from_patches(patch_emb, phrase_embs[c], prior, batch["image"].shape[-1], r)
+                for i, heat in enumerate(maps):
+                    mask = batch["mask"][i]
+                    if not mask.any():
+                        continue
+                    pair = dict(path=batch["path"][i], phrase=batch["phrase"][i], category=batch["category"][i],
+                                cnr=cnr(heat, mask), miou=miou(heat, mask), iou=iou_at_thresholds(heat, mask).tolist(),
+                                pointing_game=pointing_game(heat, mask))
+                    pair["abs_cnr"] = abs(pair["cnr"])
+                    if c == "swapped":
+                        pair.update(swapped_phrase=swapped[start + i], swapped_same_image=same_image[start + i])
+                    done = len(scored[r, c])
+                    if r == readout and c == "true" and out_dir is not None and done < n_overlays:
+                        plot_overlay(batch["image"][i], mask, heat, Path(out_dir) / f"grounding_{done:03d}.png",
+                                     f"{pair['category']}: {pair['phrase']}\nCNR {pair['cnr']:.2f}  "
+                                     f"mIoU {pair['miou']:.2f}  ({r} readout)")
+                    scored[r, c].append(pair)
+        skipped += sum(not mask.any() for mask in batch["mask"])
+        start += n
+    pairs = scored[readout, "true"]
     if not pairs:
         raise ValueError(f"no grounding pair has a box in the {dataset.size}-pixel model frame ({skipped} skipped)")
-    return dict(**grounding_summary(pairs), skipped_empty_boxes=skipped, pairs=pairs)
+    other = next(r for r in READOUTS if r != readout)
+    swapped_rows = scored[readout, "swapped"]
+    return dict(readout=readout, **grounding_summary(pairs), skipped_empty_boxes=int(skipped), pairs=pairs,
+                swapped=dict(**grounding_summary(swapped_rows), pairs=swapped_rows,
+                             same_image_fraction=float(np.mean([p["swapped_same_image"] for p in swapped_rows]))),
+                prior_only=dict(**grounding_summary(scored[readout, "prior_only"]), pairs=scored[readout, "prior_only"]),
+                other_readout=dict(readout=other, **{c: grounding_summary(scored[other, c]) for c in PHRASES}))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -272,6 +355,10 @@ class EvalConfig:
     n_boot: int = option(1000, "bootstrap resamples for the macro-AUC 95% interval", minimum=1)
     seed: int = option(0, "bootstrap seed", minimum=0)
     overlays: int = option(8, "grounding overlay PNGs to write", minimum=0)
+    readout: str = option(READOUTS[0], "grounding readout of the headline rows: prior (released: patch embeddings "
+                                       "weighted by softmax(w / 0.02), raw dot product) or cosine (each patch "
+                                       "embedding's cosine with the phrase, no prior); both are measured and printed",
+                          choices=READOUTS)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
@@ -300,7 +387,7 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
                                                   cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out)
     if grounding is not None:
         results["grounding"] = evaluate_grounding(model, tokenizer, grounding, cfg.batch_size, cfg.workers,
-                                                  cfg.out, cfg.overlays)
+                                                  cfg.out, cfg.overlays, cfg.readout)
     write_json(results, Path(cfg.out) / "metrics.json")
     return results
 
@@ -323,6 +410,25 @@ def format_table(results: dict) -> str:
         for name, m in rows:
             count = m.get("n_pairs", gr["n_pairs"] if name == "mean over pairs" else "")
             lines.append(f"{name:<28}{count:>5}{m['cnr']:>8.3f}{m['abs_cnr']:>8.3f}{m['miou']:>8.3f}{m['pointing_game']:>8.3f}")
+        if "swapped" in gr:
+            lines.append(phrase_specificity_table(gr))
+    return "\n".join(lines)
+
+
+def phrase_specificity_table(grounding: dict) -> str:
+    """The mean over pairs with its own phrase, another finding's phrase and the empty phrase, for each readout."""
+    names = {"prior": "prior-weighted dot product (released)", "cosine": "cosine, no prior"}
+    labels = {"true": "its own phrase", "swapped": "another finding's phrase", "prior_only": "empty phrase (prior only)"}
+    groups = [(grounding["readout"], {c: (grounding if c == "true" else grounding[c])["overall"] for c in PHRASES})]
+    if "other_readout" in grounding:
+        other = grounding["other_readout"]
+        groups.append((other["readout"], {c: other[c]["overall"] for c in PHRASES}))
+    lines = [f"\n{'phrase specificity (mean over pairs)':<38}{'CNR':>8}{'mIoU':>8}{'point':>8}"]
+    for number, (readout, rows) in enumerate(groups):
+        lines.append(f"readout {readout}: {names[readout]}" + (" (the rows above)" if number == 0 else ""))
+        for c in PHRASES:
+            m = rows[c]
+            lines.append(f"  {labels[c]:<36}{m['cnr']:>8.3f}{m['miou']:>8.3f}{m['pointing_game']:>8.3f}")
     return "\n".join(lines)
 
 

@@ -588,3 +588,70 @@ def test_an_oracle_map_points_into_the_box_through_the_letterboxed_frames(tmp_pa
     (scored,) = result["pairs"]
     assert scored["pointing_game"] == 1.0 and scored["cnr"] > 1.0 and scored["miou"] > 0.2
     assert (tmp_path / "grounding_000.png").is_file()
+
+
+# ----------------------------------------------------------------------------- phrase specificity and readouts
+
+def test_swapped_phrase_comes_from_another_finding_on_the_same_image_else_the_next_pair_of_another_category():
+    pair = lambda path, category, phrase: eval_datasets.GroundingPair(path, phrase, category, [(0, 0, 1, 1)], 8, 8)  # noqa: E731
+    pairs = [pair("a", "Nodule", "a nodule"), pair("a", "Edema", "mild edema"), pair("b", "Mass", "a mass"),
+             pair("c", "Mass", "another mass"), pair("d", "Edema", "severe edema")]
+    phrases, same_image = ez.swapped_phrases(pairs)
+    # a: each other's phrase; b and c (one finding each): the next pair in order whose category differs,
+    # d (last): wraps around to the first pair of another category
+    assert phrases == ["mild edema", "a nodule", "severe edema", "severe edema", "a nodule"]
+    assert same_image == [True, True, False, False, False]
+
+
+def test_grounding_scores_each_pair_with_its_own_a_swapped_and_an_empty_phrase_for_both_readouts(tmp_path, tiny_model):
+    model, tokenizer = tiny_model
+    make_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
+    pairs = eval_datasets.load_ms_cxr(tmp_path / "ms-cxr", tmp_path / "mimic")
+    dataset = eval_datasets.GroundingDataset(pairs, model.cfg.img_size, model.cfg.in_chans)
+    result = ez.evaluate_grounding(model, tokenizer, dataset)
+    assert result["readout"] == "prior" and result["other_readout"]["readout"] == "cosine"
+    for rows in (result["swapped"], result["prior_only"], *(result["other_readout"][c] for c in ("true", "swapped", "prior_only"))):
+        assert rows["n_pairs"] == result["n_pairs"] == 3
+    assert result["swapped"]["same_image_fraction"] == pytest.approx(2 / 3)  # the Pneumonia / Effusion image
+    table = ez.format_table({"grounding": result})
+    assert "another finding's phrase" in table and "empty phrase (prior only)" in table and "(the rows above)" in table
+    cosine = ez.evaluate_grounding(model, tokenizer, dataset, readout="cosine")
+    assert cosine["overall"] == result["other_readout"]["true"]["overall"]
+
+
+def test_cosine_readout_ignores_the_prior_and_the_patch_norms():
+    patch_emb = torch.zeros(1, 64, 2)
+    patch_emb[0, :, 1] = 1.0
+    patch_emb[0, 3 * 8 + 5] = torch.tensor([0.1, 0.0])  # short, but points along the phrase
+    patch_emb[0, 0] = torch.tensor([10.0, 100.0])  # 1000 times longer, slightly along the phrase (cosine 0.1)
+    weight = torch.zeros(64)
+    weight[0] = 1.0  # a prior that would put everything on patch 0
+    stub = PatchStub(patch_emb, weight)
+    maps = ez.similarity_map(stub, torch.zeros(1, 64, 64), torch.tensor([1.0, 0.0]), readout="cosine")
+    row, column = divmod(int(maps.argmax()), 64)
+    assert 24 <= row < 32 and 40 <= column < 48
+    prior_maps = ez.similarity_map(stub, torch.zeros(1, 64, 64), torch.tensor([1.0, 0.0]), readout="prior")
+    assert divmod(int(prior_maps.argmax()), 64)[0] < 8
+
+
+def test_diagnostics_measure_text_alignment_prior_probe_and_geometry(synthetic_root, tiny_model):
+    import diagnostics
+    model, tokenizer = tiny_model
+    result = diagnostics.diagnose(model, tokenizer, synthetic_root, verbose=False)
+    categories = list(result["finding_sentences"])
+    assert len(result["sentence_cosine"]) == len(categories) and result["sentence_cosine"][0][0] == pytest.approx(1.0, abs=1e-5)
+    # an untrained score head is zero: a uniform prior covers every patch
+    assert result["prior"]["exp_entropy"] == pytest.approx(model.cfg.num_patches)
+    assert result["prior"]["inverse_simpson"] == pytest.approx(model.cfg.num_patches)
+    assert result["alignment"]["n_pairs"] > 0 and math.isfinite(result["alignment"]["margin_true"])
+    assert all(0.0 <= row["position_all"] <= 1.0 for row in result["probe"].values())
+    assert 0 < result["geometry"]["effective_rank"] <= model.cfg.embed_dim
+    assert "effective rank" in diagnostics.format_diagnosis(result)
+
+
+def test_patch_box_fraction_is_the_share_of_each_patch_inside_the_box():
+    import diagnostics
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[0:4, 0:2] = True  # half of the top-left 4 x 4 patch
+    fraction = diagnostics.patch_box_fraction(mask, 4)
+    assert fraction[0] == pytest.approx(0.5) and fraction[1:].sum() == 0
