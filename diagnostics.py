@@ -17,23 +17,29 @@
 5. Geometry: how many directions do the image embeddings use (mean pairwise cosine, variance share of the top
    principal components, effective rank), and does each class get its own zero-shot direction e+ - e-, or do
    all 8 classes score the images along one shared "abnormal" axis (class scores correlated near 1)?
+6. Words alone: what does a map score that knows only the phrase's finding and where boxes of that finding
+   usually are (their frequency over the other half of the test images), never looking at the image? And with
+   another finding's category (the swapped phrase)? The scale against which a model's grounding is read.
 """
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 import eval_datasets
-from checkpoint import check_writable, write_json
+from checkpoint import check_writable, write_atomic, write_json
 from cli import check_options, option, run_script
 from data import check_root
 from devices import pick_device
-from eval_zeroshot import class_embeddings, class_prompts, embed_texts, grounding_caption, swapped_phrases
+from eval_zeroshot import (READOUTS, class_embeddings, class_prompts, embed_texts, grounding_caption, similarity_map,
+                           swapped_phrases)
 from maco import load
-from metrics import roc_auc
+from metrics import cnr, miou, pointing_game, roc_auc
 
 
 def finding_sentences(pairs) -> dict[str, str]:
@@ -174,6 +180,71 @@ def embedding_geometry(model, tokenizer, root, batch_size: int = 64) -> dict:
                 class_score_mean_correlation=_off_diagonal_mean(torch.from_numpy(np.corrcoef(scores.T))))
 
 
+def location_reference(pairs, size: int) -> dict:
+    """Grounding scores of maps that know the words but not the image: for each pair, the frequency of the boxes
+    of its category on the other half of the images (alternate images), in the size x size letterboxed frame,
+    scaled to [-1, 1]; `swapped`: the same with the category of the pair's swapped phrase. Means over pairs."""
+    masks = [torch.from_numpy(eval_datasets.boxes_to_mask(p.boxes, p.width, p.height, size)) for p in pairs]
+    image_order = {path: number for number, path in enumerate(dict.fromkeys(p.path for p in pairs))}
+    half = [image_order[p.path] % 2 for p in pairs]  # alternate images: a pair never sees its own image's boxes
+    frequency = {}
+    for category in {p.category for p in pairs}:
+        for h in (0, 1):
+            members = [m.double() for m, p, hh in zip(masks, pairs, half) if p.category == category and hh == h]
+            frequency[category, h] = torch.stack(members).mean(0) if members else torch.zeros(size, size)
+    category_of = {p.phrase: p.category for p in pairs}
+    swapped = [category_of.get(phrase, p.category) for phrase, p in zip(swapped_phrases(pairs)[0], pairs)]
+    # a tiny ramp breaks the ties of a flat frequency map deterministically (the pointing game takes one argmax)
+    ramp = torch.linspace(0, 1e-9, size * size, dtype=torch.float64).view(size, size)
+
+    def scaled(x):
+        low, high = x.min(), x.max()
+        return 2 * (x - low) / (high - low) - 1 if high > low else torch.zeros_like(x)
+
+    result = {}
+    for name, categories in (("true", [p.category for p in pairs]), ("swapped", swapped)):
+        rows = [(cnr(heat, m), miou(heat, m), pointing_game(heat, m))
+                for m, c, h in zip(masks, categories, half) if m.any()
+                for heat in [scaled(frequency[c, 1 - h] + ramp)]]
+        values = np.nanmean(np.array(rows, dtype=np.float64), 0)
+        result[name] = dict(zip(("cnr", "miou", "pointing_game"), values.tolist()))
+    return result
+
+
+@torch.no_grad()
+def plot_phrase_specificity(model, tokenizer, pairs, path, readout: str = "prior", per_category: int = 1) -> None:
+    """A figure (written to `path`): for the first pair(s) of each category, the image with its true box and the
+    grounding maps with its own phrase, with the swapped phrase (another finding's) and with the empty phrase."""
+    dataset = eval_datasets.GroundingDataset(pairs, model.cfg.img_size, model.cfg.in_chans)
+    swapped, _ = swapped_phrases(pairs)
+    chosen, seen = [], {}
+    for index, pair in enumerate(pairs):
+        if seen.get(pair.category, 0) < per_category:
+            seen[pair.category] = seen.get(pair.category, 0) + 1
+            chosen.append(index)
+    chosen.sort(key=lambda index: pairs[index].category)
+    rows = [("own", lambda index: pairs[index].phrase), ("swapped", swapped.__getitem__), ("empty", lambda index: "")]
+    figure = Figure(figsize=(1.9 * len(chosen), 2.3 * len(rows)), layout="constrained")
+    axes = figure.subplots(len(rows), len(chosen), squeeze=False)  # a row per phrase kind, a column per pair
+    for column, index in enumerate(chosen):
+        item = dataset[index]
+        for row, (kind, phrase_of) in enumerate(rows):
+            phrase = phrase_of(index)
+            heat = similarity_map(model, item["image"], phrase, tokenizer, readout=readout)  # (S, S)
+            axis = axes[row, column]
+            axis.imshow(item["image"][0].numpy(), cmap="gray")
+            axis.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=-1, vmax=1)
+            axis.contour(item["mask"].float().numpy(), levels=[0.5], colors="lime", linewidths=1.0)
+            heading = f"{pairs[index].category}\n" if row == 0 else ""
+            axis.set_title(f"{heading}{kind}: {textwrap.shorten(phrase or '(none)', 22, placeholder='...')}\n"
+                           f"pointing {pointing_game(heat, item['mask']):.0f}, CNR {cnr(heat, item['mask']):.2f}",
+                           fontsize=5.5)
+            axis.axis("off")
+    figure.suptitle(f"grounding maps ({readout} readout) with the true box (green): each pair with its own phrase, "
+                    f"another finding's phrase and the empty phrase", fontsize=8)
+    write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110, bbox_inches="tight"))
+
+
 @torch.no_grad()
 def diagnose(model, tokenizer, root, verbose: bool = True) -> dict:
     """Run the five diagnostics on the synthetic test split at `root`; returns a dict (printed if verbose)."""
@@ -197,6 +268,7 @@ def diagnose(model, tokenizer, root, verbose: bool = True) -> dict:
     other_emb = embed_texts(model, tokenizer, [grounding_caption(p) for p in other_phrases]).float().cpu()
     result["alignment"] = patch_phrase_alignment(patch_emb, inside, phrase_emb, other_emb, categories)
     result["geometry"] = embedding_geometry(model, tokenizer, root)
+    result["location_reference"] = location_reference(pairs, cfg.img_size)
 
     # probe: one row per test image (its pairs share the image), box fractions per category
     paths = sorted({str(p.path) for p in pairs})
@@ -244,6 +316,10 @@ def format_diagnosis(result: dict) -> str:
                  f"{g['effective_rank']:.2f} of {result['embed_dim']}")
     lines.append(f"   zero-shot directions e+ - e- of the 8 classes: mean pairwise cosine {g['class_direction_mean_cosine']:.3f}; "
                  f"mean correlation of the class scores over images {g['class_score_mean_correlation']:.3f}")
+    ref = result["location_reference"]
+    lines.append("6. words alone (each category's usual box location, never the image): "
+                 + "; ".join(f"{label} CNR {ref[k]['cnr']:.3f}, mIoU {ref[k]['miou']:.3f}, pointing {ref[k]['pointing_game']:.3f}"
+                             for k, label in (("true", "its own category"), ("swapped", "the swapped phrase's category"))))
     return "\n".join(lines)
 
 
@@ -252,6 +328,9 @@ class DiagnoseConfig:
     ckpt: str = option("runs/maco/checkpoint.pt", "checkpoint written by train.py")
     root: str = option("data/synthetic", "synthetic world (its test split is used)")
     out: str = option("", "also write the result as JSON to this file ('' = print only)")
+    figure: str = option("", "also draw maps with the own, a swapped and the empty phrase, one pair per finding, "
+                             "to this PNG (docs/grounding_example.png is drawn so)")
+    readout: str = option(READOUTS[0], "grounding readout of the figure", choices=READOUTS)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
@@ -259,13 +338,18 @@ class DiagnoseConfig:
 
 
 def diagnose_command(cfg: DiagnoseConfig) -> None:
-    if cfg.out:
-        check_writable(Path(cfg.out).parent, "--out")
+    for flag, path in (("--out", cfg.out), ("--figure", cfg.figure)):
+        if path:
+            check_writable(Path(path).parent, flag)
     check_root(cfg.root, "synthetic world")
     if not Path(cfg.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint {cfg.ckpt!r} not found (pass --ckpt, a file written by train.py)")
     model, tokenizer = load(cfg.ckpt, device=pick_device(cfg.device))
     result = diagnose(model, tokenizer, cfg.root)
+    if cfg.figure:
+        pairs = eval_datasets.load_ms_cxr(Path(cfg.root) / eval_datasets.MS_CXR_CSV, cfg.root)
+        plot_phrase_specificity(model, tokenizer, pairs, cfg.figure, cfg.readout)
+        print(f"wrote {cfg.figure}")
     if cfg.out:
         write_json(result, cfg.out)
         print(f"wrote {cfg.out}")

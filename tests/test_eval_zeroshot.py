@@ -632,26 +632,3 @@ def test_cosine_readout_ignores_the_prior_and_the_patch_norms():
     assert 24 <= row < 32 and 40 <= column < 48
     prior_maps = ez.similarity_map(stub, torch.zeros(1, 64, 64), torch.tensor([1.0, 0.0]), readout="prior")
     assert divmod(int(prior_maps.argmax()), 64)[0] < 8
-
-
-def test_diagnostics_measure_text_alignment_prior_probe_and_geometry(synthetic_root, tiny_model):
-    import diagnostics
-    model, tokenizer = tiny_model
-    result = diagnostics.diagnose(model, tokenizer, synthetic_root, verbose=False)
-    categories = list(result["finding_sentences"])
-    assert len(result["sentence_cosine"]) == len(categories) and result["sentence_cosine"][0][0] == pytest.approx(1.0, abs=1e-5)
-    # an untrained score head is zero: a uniform prior covers every patch
-    assert result["prior"]["exp_entropy"] == pytest.approx(model.cfg.num_patches)
-    assert result["prior"]["inverse_simpson"] == pytest.approx(model.cfg.num_patches)
-    assert result["alignment"]["n_pairs"] > 0 and math.isfinite(result["alignment"]["margin_true"])
-    assert all(0.0 <= row["position_all"] <= 1.0 for row in result["probe"].values())
-    assert 0 < result["geometry"]["effective_rank"] <= model.cfg.embed_dim
-    assert "effective rank" in diagnostics.format_diagnosis(result)
-
-
-def test_patch_box_fraction_is_the_share_of_each_patch_inside_the_box():
-    import diagnostics
-    mask = torch.zeros(16, 16, dtype=torch.bool)
-    mask[0:4, 0:2] = True  # half of the top-left 4 x 4 patch
-    fraction = diagnostics.patch_box_fraction(mask, 4)
-    assert fraction[0] == pytest.approx(0.5) and fraction[1:].sum() == 0
