@@ -120,6 +120,18 @@ def test_a_world_without_any_image_file_stops_at_once_with_a_clear_error(synthet
     assert "none of the 133 images of this selection exists" in capsys.readouterr().err
 
 
+def test_a_world_without_any_report_stops_at_once_with_a_clear_error(synthetic_root, tmp_path, capsys):
+    root = tmp_path / "world"
+    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns("*.txt"))
+    argv = ["--data", "mimic", "--root", str(root), "--preset", "tiny", "--epochs", "1", "--batch-size", "16",
+            "--num-workers", "0", "--out-dir", str(tmp_path / "run")]
+    assert train.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "0 images" in captured.out and "133 without a report" in captured.out
+    assert "no image of this selection has a report to pair it with" in captured.err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_world_whose_images_are_all_unreadable_stops_after_a_few_steps(synthetic_root, tmp_path, capsys):
     root = copy_world(synthetic_root, tmp_path / "world", "corrupt")
     assert train.main(small_run_args(root, tmp_path / "run", "--epochs", "1")) == 2
