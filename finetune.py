@@ -37,13 +37,14 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import eval_datasets
-from checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic, write_json
+from checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from cli import check_options, parse_config, option
 from data import grey_8bit, to_model_input
 from devices import autocast, pick_device
 from eval_zeroshot import plot_roc
-from maco import PRESETS, MaCo, MaCoConfig, load_checkpoint, load_mae_encoder
+from maco import PRESETS, MaCo, MaCoConfig, load, load_mae_encoder
 from metrics import classification_metrics, macro_auc
+from released import read_weights
 from vit import VisionTransformer
 
 # (learning rate, optimizer steps, warm-up steps) per percentage of the training labels, as released
@@ -78,8 +79,9 @@ class FinetuneConfig:
     root: str = option(None, "dataset folder (recipe: data/synthetic for the synthetic world)")
     split_dir: str = option("", "the released DatasetsSplits folder (or one set's folder in it): "
                             "train_1, train_10, train_list, val_list, test_list .txt; real data only")
-    ckpt: str = option(None, "train.py checkpoint for the encoder, or a finetune.py best.pt (its head too) "
-                       "(recipe: synthetic runs/maco/checkpoint.pt)")
+    ckpt: str = option(None, "train.py checkpoint or the released maco.pth (with --tokenizer) for the encoder, or a "
+                       "finetune.py best.pt (its head too) (recipe: synthetic runs/maco/checkpoint.pt)")
+    tokenizer: str = option("", "--ckpt maco.pth: the released mimic_wordpiece.json it was trained with")
     init: str = option("", "MAE ImageNet checkpoint (mae_pretrain_vit_base.pth) for the encoder instead of --ckpt")
     scratch: bool = option(None, "--scratch: random initialisation only; --no-scratch: the checkpoint only "
                            "(recipe: synthetic runs both, real data the checkpoint)")
@@ -278,10 +280,10 @@ def new_encoder(cfg: MaCoConfig) -> VisionTransformer:
                              cfg.mlp_ratio)
 
 
-def load_pretrained(path) -> tuple[VisionTransformer, MaCoConfig]:
-    """The image encoder and model settings of a pretrained MaCo file: the one place that reads one (a train.py
-    checkpoint; maco.load, for the released maco.pth too, slots in here)."""
-    model, _, _ = load_checkpoint(path)
+def load_pretrained(path, tokenizer: str = "") -> tuple[VisionTransformer, MaCoConfig]:
+    """The image encoder and model settings of a pretrained MaCo file: a train.py checkpoint, or the released
+    maco.pth with its tokenizer (mimic_wordpiece.json; the text side is built and checked, then left out)."""
+    model, _ = load(path, tokenizer or None)
     return model.image_encoder, model.cfg
 
 
@@ -308,14 +310,14 @@ def initialisations(run: FinetuneConfig) -> list[dict]:
             hint = ("run `python train.py` first (it trains the tiny MaCo this compares against scratch), "
                     if run.ckpt == RECIPES[run.recipe]["ckpt"] else "")
             raise FileNotFoundError(f"no checkpoint at {run.ckpt}: {hint}or pass --ckpt PATH, --init PATH or --scratch")
-        elif "classifier" in (checkpoint := read_checkpoint(run.ckpt, "--ckpt")):  # a best.pt of this script
+        elif "classifier" in (checkpoint := read_weights(run.ckpt, "--ckpt")):  # a best.pt of this script
             cfg = MaCoConfig(**checkpoint["model_config"])
             classifier = Classifier(new_encoder(cfg), len(checkpoint["class_names"]))
             classifier.load_state_dict(checkpoint["classifier"])
             inits.append(dict(name="finetuned", label=f"fine-tuned ({run.ckpt})", encoder=classifier.encoder,
                               cfg=cfg, head=classifier.head, class_names=checkpoint["class_names"]))
         else:
-            encoder, cfg = load_pretrained(run.ckpt)
+            encoder, cfg = load_pretrained(run.ckpt, run.tokenizer)
             inits.append(dict(name="maco", label=f"MaCo {preset_name(cfg)} ({run.ckpt})", encoder=encoder, cfg=cfg))
     if run.scratch is not False:
         cfg = inits[0]["cfg"] if inits else MaCoConfig.preset(run.preset, img_size=run.img_size)

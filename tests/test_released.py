@@ -342,3 +342,14 @@ def test_bad_init_files_give_clear_errors(tiny, synthetic_root, tmp_path, capsys
     extra = [arg.format(**paths) for arg in extra]
     assert train.main(train_args(synthetic_root, tmp_path / "out", *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_finetune_takes_the_image_encoder_of_the_released_file(tiny):
+    import finetune
+    encoder, cfg = finetune.load_pretrained(tiny["path"], str(tiny["tokenizer_path"]))
+    direct = direct_model(tiny["cfg"], tiny["state"]).image_encoder
+    assert cfg == tiny["cfg"]
+    for (name, ours), (_, theirs) in zip(encoder.state_dict().items(), direct.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), name
+    with pytest.raises(ValueError, match="pass the released mimic_wordpiece.json"):
+        finetune.load_pretrained(tiny["path"])
