@@ -250,19 +250,15 @@ class ImageReportDataset(Dataset):
         self._check_images_exist()
 
     def _check_images_exist(self):
-        """Count the image files that are missing (and not cached): they are skipped when read. If the selection
-        is empty or no image is there at all, stop now with a clear error instead of training on nothing."""
+        """Count the image files that are missing (and not cached): they are skipped when read. If no image is
+        there at all, stop now with a clear error instead of training on nothing."""
         cached = set()
         if self.cache_rows is not None:
             status = np.load(self.cache_dir / "status.npy")
             cached = {i for i, row in enumerate(self.cache_rows) if row >= 0 and status[row] == CACHED}
-        if not self.items:
-            raise FileNotFoundError("no image of this selection has a report to pair it with (the line above counts "
-                                    "what was skipped); check --root, the report files or --report-source, and the "
-                                    "split (docs/datasets.md)")
         self.missing_images = sum(1 for i, (_, path, _) in enumerate(self.items)
                                   if i not in cached and not os.path.exists(path))
-        if self.missing_images == len(self.items):
+        if self.items and self.missing_images == len(self.items):
             example = self.items[0][1]
             raise FileNotFoundError(f"none of the {len(self.items)} images of this selection exists (e.g. {example}); "
                                     f"check --root and the image folders (docs/datasets.md)")

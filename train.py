@@ -248,6 +248,10 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     rank, world, device = setup_distributed(cfg.device)
     out_dir = prepare_out_dir(cfg, rank == 0, checkpoint["step"] if checkpoint else None)
     dataset = build_dataset(cfg, model_cfg, rank == 0)
+    if len(dataset) == 0:
+        raise FileNotFoundError("no image of this selection has a report to pair it with (the summary above counts "
+                                "what was skipped); check --root, the report files or --report-source "
+                                "(docs/datasets.md)")
     if checkpoint:
         tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
     elif cfg.tokenizer:
