@@ -1,7 +1,8 @@
-"""Why does a MaCo checkpoint ground (or not)? Five diagnostics a student can run on any checkpoint (§9 of docs/method.md).
+"""Why does a MaCo checkpoint ground (or not)? Six diagnostics a student can run on any checkpoint (docs/method.md §9).
 
     python diagnostics.py --ckpt runs/maco/checkpoint.pt            # the synthetic test split (data/synthetic)
     python diagnostics.py --ckpt runs/maco/checkpoint.pt --out runs/maco/diagnostics.json
+    python diagnostics.py --ckpt runs/maco/checkpoint.pt --figure docs/grounding_example.png  # own / swapped / empty maps
 
 1. Text: do the findings get distinct text embeddings? Cosine matrix of one report sentence per finding
    (the first grounding phrase of each category in the test split) and of the zero-shot prompts "There is {c}. ".
@@ -247,7 +248,7 @@ def plot_phrase_specificity(model, tokenizer, pairs, path, readout: str = "prior
 
 @torch.no_grad()
 def diagnose(model, tokenizer, root, verbose: bool = True) -> dict:
-    """Run the five diagnostics on the synthetic test split at `root`; returns a dict (printed if verbose)."""
+    """Run the six diagnostics on the synthetic test split at `root`; returns a dict (printed if verbose)."""
     model.eval()
     cfg = model.cfg
     pairs = eval_datasets.load_ms_cxr(Path(root) / eval_datasets.MS_CXR_CSV, root)
