@@ -26,9 +26,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from checkpoint import check_writable, write_atomic
-from cli import check_options, option, run_script
-from tokenizer import encode_texts
+from util.checkpoint import check_writable, write_atomic
+from util.cli import check_options, option, run_script
+from util.tokenizer import encode_texts
 
 IMAGE_MEAN = 0.4978  # D8: pixel statistics of the released pre-training, images scaled to [0, 1]
 IMAGE_STD = 0.2449
@@ -228,7 +228,7 @@ def check_root(root, what: str) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{what} root {root} is not a folder; expected {what} in the layout of "
-                                f"docs/datasets.md (for the synthetic world: `python synthetic.py --out {root}`)")
+                                f"docs/datasets.md (for the synthetic world: `python -m world.synthetic --out {root}`)")
     return root
 
 

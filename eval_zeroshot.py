@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-import eval_datasets
-from checkpoint import check_writable, write_atomic, write_json
-from cli import check_options, option, run_script
-from devices import pick_device
+from util import eval_datasets
+from util.checkpoint import check_writable, write_atomic, write_json
+from util.cli import check_options, option, run_script
+from util.devices import pick_device
 from maco import load
-from metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
+from util.metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
                      pointing_game, roc_auc, roc_curve, to_numpy)
-from tokenizer import encode_texts
+from util.tokenizer import encode_texts
 
 # Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
 PROMPT_SETS = {

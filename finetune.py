@@ -36,15 +36,15 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import eval_datasets
-from checkpoint import check_writable, save_checkpoint, write_atomic, write_json
-from cli import check_options, parse_config, option
+from util import eval_datasets
+from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
+from util.cli import check_options, parse_config, option
 from data import grey_8bit, to_model_input
-from devices import autocast, pick_device
+from util.devices import autocast, pick_device
 from eval_zeroshot import plot_roc
-from maco import PRESETS, MaCo, MaCoConfig, load, load_mae_encoder
-from metrics import classification_metrics, macro_auc
-from released import read_weights
+from maco import PRESETS, MaCo, MaCoConfig, load
+from util.metrics import classification_metrics, macro_auc
+from util.released import read_weights
 from vit import VisionTransformer
 
 # (learning rate, optimizer steps, warm-up steps) per percentage of the training labels, as released
@@ -280,13 +280,6 @@ def new_encoder(cfg: MaCoConfig) -> VisionTransformer:
                              cfg.mlp_ratio)
 
 
-def load_pretrained(path, tokenizer: str = "") -> tuple[VisionTransformer, MaCoConfig]:
-    """The image encoder and model settings of a pretrained MaCo file: a train.py checkpoint, or the released
-    maco.pth with its tokenizer (mimic_wordpiece.json; the text side is built and checked, then left out)."""
-    model, _ = load(path, tokenizer or None)
-    return model.image_encoder, model.cfg
-
-
 def preset_name(cfg: MaCoConfig) -> str:
     keys = ("img_size", "patch_size", "in_chans", "width", "depth", "num_heads")
     return next((name for name in PRESETS if all(getattr(MaCoConfig.preset(name), k) == getattr(cfg, k)
@@ -301,8 +294,7 @@ def initialisations(run: FinetuneConfig) -> list[dict]:
     if not run.scratch:
         if run.init:
             cfg = MaCoConfig.preset(run.preset, img_size=run.img_size)
-            model = MaCo(cfg)
-            print(load_mae_encoder(model, run.init))
+            model, _ = load(run.init, into=MaCo(cfg))
             inits.append(dict(name="mae", label=f"MAE ({run.init})", encoder=model.image_encoder, cfg=cfg))
         elif not run.ckpt:
             raise ValueError(f"--recipe {run.recipe}: pass --ckpt, --init or --scratch")
@@ -317,7 +309,8 @@ def initialisations(run: FinetuneConfig) -> list[dict]:
             inits.append(dict(name="finetuned", label=f"fine-tuned ({run.ckpt})", encoder=classifier.encoder,
                               cfg=cfg, head=classifier.head, class_names=checkpoint["class_names"]))
         else:
-            encoder, cfg = load_pretrained(run.ckpt, run.tokenizer)
+            model, _ = load(run.ckpt, run.tokenizer or None)
+            encoder, cfg = model.image_encoder, model.cfg
             inits.append(dict(name="maco", label=f"MaCo {preset_name(cfg)} ({run.ckpt})", encoder=encoder, cfg=cfg))
     if run.scratch is not False:
         cfg = inits[0]["cfg"] if inits else MaCoConfig.preset(run.preset, img_size=run.img_size)

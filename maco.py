@@ -7,68 +7,81 @@ docs/method.md §1-§6 (decisions D1-D5). One forward pass:
      per-pair weight is softplus of a linear function of *which* patches were visible (the correlation head).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from checkpoint import read_checkpoint
-from cli import check_options, flag, option
 from loss import clip_loss, correlation_weighted_contrastive_loss, reconstruction_loss
 from text_encoder import TextEncoder
-from tokenizer import check_special_tokens
+from util import released
+from util.released import load_state, read_weights, released_state
+from util.tokenizer import as_tokenizer, check_special_tokens
 from vit import Block, VisionTransformer, init_vit_weights, patchify, sincos_2d_pos_embed
 
 
 @dataclass
 class MaCoConfig:
     """The model's shapes and objectives. Defaults are `base` (the paper's and the released checkpoint's shapes);
-    `MaCoConfig.preset("tiny")` is the CPU preset. Every field is a flag of train.py (`--img-size`, ...)."""
+    `MaCoConfig.preset("tiny")` is the CPU preset. train.py makes every field a flag (`--img-size`, ...), with the
+    comment beside it as the help."""
     # image encoder (ViT)
-    img_size: int = option(224, "encoder input side S in pixels (the training input is 2S with super-resolution)",
-                           minimum=1)
-    patch_size: int = option(16, "ViT patch side p; the grid has (S/p)^2 patches", minimum=1)
-    in_chans: int = option(3, "image channels (the grey image is replicated)", minimum=1)
-    width: int = option(768, "image encoder width", minimum=4)
-    depth: int = option(12, "image encoder blocks", minimum=1)
-    num_heads: int = option(12, "image encoder attention heads", minimum=1)
-    mlp_ratio: float = option(4.0, "MLP hidden width / width, encoder and decoder", above=0)
+    img_size: int = 224  # encoder input side S in pixels (the training input is 2S with super-resolution)
+    patch_size: int = 16  # ViT patch side p; the grid has (S/p)^2 patches
+    in_chans: int = 3  # image channels (the grey image is replicated)
+    width: int = 768  # image encoder width
+    depth: int = 12  # image encoder blocks
+    num_heads: int = 12  # image encoder attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width / width, encoder and decoder
     # decoder
-    decoder_width: int = option(768, "reconstruction decoder width", minimum=4)
-    decoder_depth: int = option(4, "reconstruction decoder blocks", minimum=1)
-    decoder_num_heads: int = option(6, "reconstruction decoder attention heads", minimum=1)
+    decoder_width: int = 768  # reconstruction decoder width
+    decoder_depth: int = 4  # reconstruction decoder blocks
+    decoder_num_heads: int = 6  # reconstruction decoder attention heads
     # text encoder (BERT-style) and the joint embedding
-    vocab_size: int = option(30000, "text vocabulary size (training sets it from the tokenizer)", minimum=5)
-    text_width: int = option(384, "text encoder width", minimum=1)
-    text_depth: int = option(6, "text encoder layers", minimum=1)
-    text_num_heads: int = option(6, "text encoder attention heads", minimum=1)
-    text_ffn_width: int = option(1536, "text encoder feed-forward width", minimum=1)
-    max_len: int = option(100, "report tokens, [CLS] included (longer reports are truncated)", minimum=2)
-    text_dropout: float = option(0.1, "dropout in the text encoder", minimum=0, below=1)
-    embed_dim: int = option(768, "joint image-report embedding width", minimum=1)
+    vocab_size: int = 30000  # text vocabulary size (training sets it from the tokenizer)
+    text_width: int = 384  # text encoder width
+    text_depth: int = 6  # text encoder layers
+    text_num_heads: int = 6  # text encoder attention heads
+    text_ffn_width: int = 1536  # text encoder feed-forward width
+    max_len: int = 100  # report tokens, [CLS] included (longer reports are truncated)
+    text_dropout: float = 0.1  # dropout in the text encoder
+    embed_dim: int = 768  # joint image-report embedding width
     # objectives
-    super_resolution: bool = option(True, "D2: predict (2p)x(2p) patches of a 2S x 2S input")
-    mask_ratio: float = option(0.5, "fraction of patches masked; 0 = contrastive learning alone", minimum=0, below=1)
-    lam: float = option(0.5, "D3: loss = lam * L_rec + (1 - lam) * L_con", minimum=0, maximum=1)
-    norm_pix_loss: bool = option(False, "normalise each target patch (off in MaCo's recipe)")
-    correlation_weighting: bool = option(True, "D5: correlation-weighted loss; off = plain symmetric InfoNCE")
-    logit_scale_init: float = option(1 / 0.03, "D4: initial raw inverse temperature", above=0)
-    logit_scale_max: float = option(100.0, "D4: the inverse temperature is clamped at this value", above=0)
+    super_resolution: bool = True  # D2: predict (2p)x(2p) patches of a 2S x 2S input
+    mask_ratio: float = 0.5  # fraction of patches masked; 0 = contrastive learning alone
+    lam: float = 0.5  # D3: loss = lam * L_rec + (1 - lam) * L_con
+    norm_pix_loss: bool = False  # normalise each target patch (off in MaCo's recipe)
+    correlation_weighting: bool = True  # D5: correlation-weighted loss; off = plain symmetric InfoNCE
+    logit_scale_init: float = 1 / 0.03  # D4: initial raw inverse temperature
+    logit_scale_max: float = 100.0  # D4: the inverse temperature is clamped at this value
 
     def __post_init__(self):
-        check_options(self)
+        """Check every range and every shape constraint; messages name the fields (the CLI shows them as flags)."""
+        smallest = dict(img_size=1, patch_size=1, in_chans=1, width=4, depth=1, num_heads=1, decoder_width=4,
+                        decoder_depth=1, decoder_num_heads=1, vocab_size=5, text_width=1, text_depth=1,
+                        text_num_heads=1, text_ffn_width=1, max_len=2, embed_dim=1)
+        for name, lowest in smallest.items():
+            if not getattr(self, name) >= lowest:
+                raise ValueError(f"{name} {getattr(self, name)!r}: must be >= {lowest}")
+        intervals = [("text_dropout", 0 <= self.text_dropout < 1, ">= 0 and < 1"),
+                     ("mask_ratio", 0 <= self.mask_ratio < 1, ">= 0 and < 1"), ("lam", 0 <= self.lam <= 1, ">= 0 and <= 1"),
+                     ("mlp_ratio", self.mlp_ratio > 0, "> 0"), ("logit_scale_init", self.logit_scale_init > 0, "> 0"),
+                     ("logit_scale_max", self.logit_scale_max > 0, "> 0")]
+        for name, inside, rule in intervals:  # `inside` is False for NaN too
+            if not inside:
+                raise ValueError(f"{name} {getattr(self, name)!r}: must be {rule}")
         divisible = [("img_size", "patch_size"), ("width", "num_heads"), ("decoder_width", "decoder_num_heads"),
                      ("text_width", "text_num_heads")]
         for a, b in divisible:
             if getattr(self, a) % getattr(self, b):
-                raise ValueError(f"{flag(a)} {getattr(self, a)} must be a multiple of {flag(b)} {getattr(self, b)}")
+                raise ValueError(f"{a} {getattr(self, a)} must be a multiple of {b} {getattr(self, b)}")
         for name in ("width", "decoder_width"):  # the 2-D sine-cosine position tables
             if getattr(self, name) % 4:
-                raise ValueError(f"{flag(name)} {getattr(self, name)} must be a multiple of 4")
+                raise ValueError(f"{name} {getattr(self, name)} must be a multiple of 4")
         if self.num_patches * (1 - self.mask_ratio) < 1:
-            raise ValueError(f"--mask-ratio {self.mask_ratio} leaves no visible patch of {self.num_patches}")
+            raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch of {self.num_patches}")
 
     @property
     def grid_size(self) -> int:
@@ -246,51 +259,97 @@ class MaCo(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Loading weights: `load` is the one way in, for every kind of file (docs/method.md §12, D12)
+
 TRAIN_CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")  # what building a model needs from a train.py file
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint written by train.py: returns (model in eval mode, tokenizer, the checkpoint dict)."""
-    checkpoint = read_checkpoint(path, "checkpoint", required=TRAIN_CHECKPOINT_KEYS)
-    model, tokenizer = from_checkpoint(checkpoint, path)
-    return model.to(device).eval(), tokenizer, checkpoint
+def load(path, tokenizer=None, device="cpu", *, into: MaCo | None = None, preset: str | None = None,
+         verbose: bool = True) -> tuple[MaCo, Tokenizer | None]:
+    """Any weights file -> (MaCo in eval mode, its tokenizer). The file is read once, safely (plain data only):
+      - a train.py checkpoint: the model and the tokenizer it carries (a `tokenizer` given must have its vocabulary);
+      - the released maco.pth: needs `tokenizer`, the released mimic_wordpiece.json (a path or a Tokenizer); every
+        key is renamed to ours and checked, and what is dropped is printed (util/released.py). `preset`: the model's
+        preset (default: the one whose widths fit the file);
+      - MAE's ImageNet checkpoint (mae_pretrain_vit_base.pth): image encoder weights only, so it needs `into`.
+    `into`: copy the file's weights into this existing model instead (train.py --init, finetune.py --init): the
+    whole model from the released weights, the image encoder from MAE's. Returns (into, tokenizer or None)."""
+    checkpoint = read_weights(path, "weights")
+    if "model_config" in checkpoint:
+        if into is not None:
+            raise ValueError(f"{path} is a train.py checkpoint: load it with maco.load(path), or continue training "
+                             f"it with train.py --resume (into another --out-dir for a branch)")
+        return _from_train_checkpoint(checkpoint, path, tokenizer, device)
+    state = released_state(checkpoint)
+    if state is None:
+        if into is None:
+            raise ValueError(f"weights {path}: neither a train.py checkpoint (no model_config) nor the released MaCo "
+                             f"weights (no bert_encoder.* keys); an MAE checkpoint loads only into a model's image "
+                             f"encoder (maco.load(path, into=model))")
+        _print(_load_mae_encoder(into, checkpoint, path), verbose)
+        return into.to(device), None
+    if tokenizer is None:
+        raise ValueError(f"{path} holds the released MaCo weights, which come without a tokenizer: pass the released "
+                         f"mimic_wordpiece.json (--tokenizer mimic_wordpiece.json)")
+    tokenizer = as_tokenizer(tokenizer)
+    if into is None:
+        into = MaCo(_released_config(state, preset, vocab_size=tokenizer.get_vocab_size()))
+    elif "pos_embed" in state and state["pos_embed"].shape[-1] != into.cfg.width:
+        raise ValueError(f"{path}: its image encoder is {state['pos_embed'].shape[-1]} wide, this model's "
+                         f"{into.cfg.width}: choose the file's preset (the released maco.pth is --preset base)")
+    _print(load_state(into, state, str(path)), verbose)
+    return into.to(device).eval(), tokenizer
 
 
-def from_checkpoint(checkpoint: dict, path) -> tuple[MaCo, Tokenizer]:
-    """The model (in eval mode) and tokenizer of a train.py checkpoint already read; `path` is for messages."""
+def _print(report, verbose: bool) -> None:
+    if verbose:
+        print(report)
+
+
+def _from_train_checkpoint(checkpoint: dict, path, tokenizer, device) -> tuple[MaCo, Tokenizer]:
+    missing = [key for key in TRAIN_CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"weights {path}: a train.py checkpoint without {missing}")
     unknown = set(checkpoint["model_config"]) - {f.name for f in fields(MaCoConfig)}
     if unknown:
         raise ValueError(f"{path} has model settings this code does not know: {sorted(unknown)}")
-    cfg = MaCoConfig(**checkpoint["model_config"])
-    model = MaCo(cfg)
+    model = MaCo(MaCoConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
-    tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
-    check_special_tokens(tokenizer, str(path))
-    return model.eval(), tokenizer
+    own = Tokenizer.from_str(checkpoint["tokenizer"])
+    check_special_tokens(own, str(path))
+    if tokenizer is not None and as_tokenizer(tokenizer).get_vocab() != own.get_vocab():
+        raise ValueError(f"{path} is a train.py checkpoint with its own tokenizer, and the tokenizer given "
+                         f"({tokenizer}) has another vocabulary; leave the tokenizer (--tokenizer) out")
+    return model.to(device).eval(), own
 
 
-def load_released(path, tokenizer_path, device="cpu", preset: str | None = None):
-    """The released weights (`maco.pth`) and tokenizer (`mimic_wordpiece.json`) of github.com/SZUHvern/MaCo ->
-    (MaCo in eval mode, tokenizer). Every key is mapped and checked, and what is dropped is printed: released.py."""
-    import released  # here, not at the top: released.py builds on this module
-    return released.load_released(path, tokenizer_path, device, preset)
+def _released_config(state: dict, preset: str | None = None, **settings) -> MaCoConfig:
+    """The model a released file holds: `preset` (None: the preset of the file's image and text widths, `base` for
+    maco.pth) with `settings`, and the super-resolution target read from `decoder_pred`'s shape: (2p)^2 C values
+    per patch with the target, p^2 C without. Any other decoder_pred shape is an error naming both."""
+    if preset is None:
+        widths = tuple(state[key].shape[-1] if key in state else None for key in released.WIDTH_KEYS)
+        fitting = [name for name, cfg in ((name, MaCoConfig.preset(name)) for name in PRESETS)
+                   if widths == (cfg.width, cfg.text_width)]
+        preset = fitting[0] if fitting else "base"  # none fits: `load_state` lists the shapes that differ
+    cfg = MaCoConfig.preset(preset, **settings)
+    if "decoder_pred.weight" not in state:
+        return cfg  # `load_state` reports the missing key
+    found = tuple(state["decoder_pred.weight"].shape)
+    for super_resolution in (True, False):
+        candidate = replace(cfg, super_resolution=super_resolution)
+        if found[0] == candidate.target_patch_size ** 2 * cfg.in_chans:
+            return candidate
+    wanted = " or ".join(f"{((cfg.patch_size * factor) ** 2 * cfg.in_chans, cfg.decoder_width)} "
+                         f"({'with' if factor == 2 else 'without'} the super-resolution target)" for factor in (2, 1))
+    raise ValueError(f"decoder_pred.weight: file {found} vs model {wanted} (`{preset}` preset)")
 
 
-def load(path, tokenizer=None, device="cpu"):
-    """Any MaCo weights file -> (MaCo in eval mode, tokenizer): a train.py checkpoint, which carries its
-    tokenizer, or the released maco.pth, which needs `tokenizer` (the released mimic_wordpiece.json)."""
-    import released
-    return released.load(path, tokenizer, device)
-
-
-def load_mae_encoder(model: MaCo, path, checkpoint: dict | None = None) -> str:
-    """Load MAE's ImageNet ViT checkpoint (a dict under "model", timm names) into model.image_encoder (D12).
-    `checkpoint`: the file's contents if already read.
-
-    Returns a report of the keys loaded, missing and ignored. A shape mismatch is an error, never a silent skip,
-    and so is a file none of whose tensors belongs to the image encoder.
-    """
-    checkpoint = read_checkpoint(path, "--init") if checkpoint is None else checkpoint
+def _load_mae_encoder(model: MaCo, checkpoint: dict, path) -> str:
+    """MAE's ImageNet ViT checkpoint (a dict under "model", timm names) into model.image_encoder (D12). Returns a
+    report of the keys loaded, missing and ignored. A shape mismatch is an error, never a silent skip, and so is a
+    file none of whose tensors belongs to the image encoder."""
     state = checkpoint.get("model", checkpoint)  # MAE nests the state dict under "model"
     if not isinstance(state, dict):
         raise ValueError(f"--init {path}: expected a state dict under the key 'model', got {type(state).__name__}")

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import PAD_ID
+from util.tokenizer import PAD_ID
 
 
 class BertEmbeddings(nn.Module):

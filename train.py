@@ -29,13 +29,12 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
-from cli import check_options, check_value, given_flags, option, overrides, run_script
+from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
+from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
 from data import Collate, MimicCXR, OpenI
-from devices import autocast, setup_distributed, uses_bf16
-from maco import PRESETS, MaCo, MaCoConfig, load_mae_encoder
-from released import load_state, read_weights, released_state
-from tokenizer import load_tokenizer, train_tokenizer
+from util.devices import autocast, setup_distributed, uses_bf16
+from maco import PRESETS, MaCo, MaCoConfig, load
+from util.tokenizer import load_tokenizer, train_tokenizer
 
 RECIPES = {
     "synthetic": dict(root="data/synthetic", preset="tiny", epochs=8, batch_size=32, lr=1e-3, warmup_epochs=1),
@@ -95,12 +94,13 @@ class TrainConfig:
 
     def __post_init__(self):
         check_options(self)
-        model_fields = {spec.name: spec for spec in dataclasses.fields(MaCoConfig)}
-        unknown = set(self.model) - set(model_fields)
+        unknown = set(self.model) - {spec.name for spec in dataclasses.fields(MaCoConfig)}
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}")
-        for name, value in self.model.items():
-            check_value(model_fields[name], value)
+        try:  # the model settings given, on the preset they will change
+            MaCoConfig.preset(self.preset or RECIPES[self.data]["preset"], **self.model)
+        except ValueError as error:
+            raise ValueError(as_flags(error, MaCoConfig)) from None
         if self.views_csv and self.data != "openi":
             raise ValueError(f"--views-csv names the views of Open-i images; --data {self.data} does not use it")
 
@@ -194,36 +194,12 @@ def prepare_out_dir(cfg: TrainConfig, is_main: bool, resume_step: int | None) ->
     return out_dir
 
 
-def read_init(cfg: TrainConfig) -> dict:
-    """The file --init names, read once, before any work: MAE's ImageNet encoder or the released MaCo weights."""
-    init = read_weights(cfg.init, "--init")
-    if "model_config" in init:
-        raise ValueError(f"--init {cfg.init} is a train.py checkpoint: continue it with --resume (into another "
-                         f"--out-dir for a branch)")
-    if released_state(init) is not None and not cfg.tokenizer:
-        raise ValueError(f"--init {cfg.init} holds the released MaCo weights: pass --tokenizer mimic_wordpiece.json "
-                         f"(in the MaCo repository), the vocabulary its text encoder knows")
-    return init
-
-
-def load_init(model: MaCo, init: dict, path: str) -> str:
-    """Load --init into the new model: the whole model from released MaCo weights (every key mapped and checked,
-    released.py), else MAE's image encoder. Returns the report to print."""
-    state = released_state(init)
-    if state is None:
-        return load_mae_encoder(model, path, init)
-    if "pos_embed" in state and state["pos_embed"].shape[-1] != model.cfg.width:
-        raise ValueError(f"--init {path}: its image encoder is {state['pos_embed'].shape[-1]} wide, this model's "
-                         f"{model.cfg.width}: choose the file's preset (the released maco.pth is --preset base)")
-    return str(load_state(model, state, f"--init {path}"))
-
-
 def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
     size = model_cfg.input_size
     root = Path(cfg.root)
     if cfg.data == "synthetic" and not (root / "mimic-cxr-2.0.0-metadata.csv.gz").exists():
         if is_main:
-            from synthetic import generate
+            from world.synthetic import generate
             print(f"no synthetic data at {root}: generating {cfg.synthetic_studies} studies (seed {cfg.seed})")
             generate(root, cfg.synthetic_studies, cfg.seed)
         if torch.distributed.is_initialized():
@@ -242,7 +218,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     if checkpoint:
         cfg = resume_config(cfg, checkpoint, given)
     cfg = resolve(cfg)
-    init = read_init(cfg) if cfg.init and not checkpoint else None
+    if cfg.init and not checkpoint and not Path(cfg.init).is_file():
+        raise FileNotFoundError(f"--init {cfg.init}: no such file")
     model_cfg = (MaCoConfig(**checkpoint["model_config"]) if checkpoint
                  else MaCoConfig.preset(cfg.preset, **cfg.model))
     rank, world, device = setup_distributed(cfg.device)
@@ -268,11 +245,10 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
 
     torch.manual_seed(cfg.seed)
     model = MaCo(model_cfg).to(device)
-    if init is not None:
-        report = load_init(model, init, cfg.init)
-        del init  # the file's optimizer state and the like are not needed
+    if cfg.init and not checkpoint:  # the whole model from the released weights, or the image encoder from MAE's
+        load(cfg.init, cfg.tokenizer or None, into=model, verbose=rank == 0)
         if rank == 0:
-            print(report)
+            print(f"initialised from --init {cfg.init}")
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
     start_step = 0
     if checkpoint:

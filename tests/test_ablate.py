@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-import ablate
-from metrics import roc_auc
+from tools import ablate
+from util.metrics import roc_auc
 
 
 def test_the_linear_probe_finds_a_linearly_separable_finding():

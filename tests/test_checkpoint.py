@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
+from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
 
 
 def test_written_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):

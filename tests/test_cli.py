@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-import bench
+from tools import bench
 import data
 import eval_zeroshot
-import synthetic
+from world import synthetic
 import train
-from cli import build_parser, given_flags, parse_config
+from util.cli import build_parser, given_flags, parse_config
 from maco import MaCoConfig
 
 BAD_FLAGS = [  # (script's main, argv, the message's key part)
@@ -60,7 +60,7 @@ def test_a_bad_flag_value_is_refused_with_its_name_and_range(main, argv, message
 def test_configs_made_in_code_are_checked_too():
     with pytest.raises(ValueError, match="--batch-size 0: must be >= 1"):
         train.TrainConfig(batch_size=0)
-    with pytest.raises(ValueError, match="--mask-ratio 1.0: must be >= 0 and < 1"):
+    with pytest.raises(ValueError, match="mask_ratio 1.0: must be >= 0 and < 1"):
         MaCoConfig.preset("tiny", mask_ratio=1.0)
     with pytest.raises(ValueError, match=r"unknown model settings \['widht'\]"):
         train.TrainConfig(model={"widht": 3})

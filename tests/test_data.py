@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import data
-from tokenizer import train_tokenizer
+from util.tokenizer import train_tokenizer
 
 METADATA_HEADER = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,"
                    "StudyDate,StudyTime,ProcedureCodeSequence_CodeMeaning,ViewCodeSequence_CodeMeaning,"

@@ -4,7 +4,7 @@ torchrun with two local ranks (NCCL), bf16 autocast, fused AdamW, pinned memory 
 import pytest
 import torch
 
-import devices
+from util import devices
 import train
 from maco import MaCo, MaCoConfig
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-import diagnostics
-import eval_datasets
+from tools import diagnostics
+from util import eval_datasets
 from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)
 
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import eval_datasets
+from util import checkpoint
+from util import eval_datasets
 import eval_zeroshot as ez
-import metrics as mt
+from util import metrics as mt
 from fixtures_eval import (SIIM_NEGATIVE, SIIM_POSITIVE, SIIM_RLE, SIIM_TWO_REGIONS, make_chexpert, make_ms_cxr,
                            make_nih, make_rsna, make_siim, make_synthetic_labels, rewrite_header)
 from maco import MaCo, MaCoConfig
-from tokenizer import train_tokenizer
+from util.tokenizer import train_tokenizer
 
 CAPTIONS = ["there is cardiomegaly. ", "there is no pleural effusion. ", "no pneumothorax. ", "the lung is clear.",
             "small left pleural effusion. ", "patchy opacity in the right lower lobe. "] * 4
@@ -421,7 +421,7 @@ def test_ms_cxr_loader_groups_boxes_per_image_and_lower_cased_phrase(tmp_path):
 
 
 def test_synthetic_loader_reads_the_test_split_labels_and_grounding_boxes(synthetic_root):
-    from synthetic import FINDINGS
+    from world.synthetic import FINDINGS
     items = eval_datasets.load_synthetic(synthetic_root, FINDINGS)
     rows = [line.split(",") for line in (synthetic_root / "synthetic-labels.csv").read_text().splitlines()[1:]]
     expected = {row[4]: [float(v) for v in row[5:]] for row in rows if row[3] == "test"}
@@ -531,7 +531,7 @@ def test_json_output_is_atomic_and_strict(tmp_path):
 
 
 def test_cli_default_run_evaluates_the_synthetic_test_split_on_both_tasks(synthetic_root, tmp_path, tiny_model):
-    from synthetic import FINDINGS
+    from world.synthetic import FINDINGS
     ckpt = save_checkpoint(*tiny_model, tmp_path / "model.pt")
     out = tmp_path / "out"
     assert ez.main(["--ckpt", str(ckpt), "--root", str(synthetic_root), "--out", str(out), "--n-boot", "20",

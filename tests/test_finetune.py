@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import eval_datasets
+from util import eval_datasets
 import finetune as ft
 from fixtures_eval import SIIM_NEGATIVE, SIIM_POSITIVE, SIIM_TWO_REGIONS, make_chexpert, make_nih, make_rsna, \
     make_siim, write_text
-from maco import MaCo, MaCoConfig
-from tokenizer import train_tokenizer
+from maco import MaCo, MaCoConfig, load
+from util.tokenizer import train_tokenizer
 
 
 def write_train_checkpoint(path, **overrides) -> MaCo:
@@ -65,7 +65,8 @@ def test_classifier_head_is_layernorm_then_linear_on_the_pooled_last_block_token
 
 def test_a_train_py_checkpoint_encoder_loads_exactly(tmp_path):
     model = write_train_checkpoint(tmp_path / "checkpoint.pt")
-    encoder, cfg = ft.load_pretrained(tmp_path / "checkpoint.pt")
+    loaded, _ = load(tmp_path / "checkpoint.pt")
+    encoder, cfg = loaded.image_encoder, loaded.cfg
     assert cfg == model.cfg
     images = torch.randn(3, 1, 64, 64)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from maco import MaCo, MaCoConfig
 from loss import clip_loss
 from text_encoder import TextEncoder
-from tokenizer import encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
+from util.tokenizer import encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from vit import VisionTransformer, drop_path, patchify, random_masking, sincos_2d_pos_embed, unpatchify
 
 REPORTS = ["Heart size is normal. Nodule measures 1.5 cm in the right upper lobe.",

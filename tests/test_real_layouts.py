@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import data
-import eval_datasets
+from util import eval_datasets
 import eval_zeroshot as ez
 import train
-from cli import parse_config
+from util.cli import parse_config
 from fixtures_eval import RSNA_IDS, make_chexpert, make_rsna, write_image, write_text
 from maco import MaCo, MaCoConfig
-from synthetic import label_report
+from world.synthetic import label_report
 from test_data import OPENI_XML, make_openi, mimic_report
-from tokenizer import train_tokenizer
+from util.tokenizer import train_tokenizer
 
 # ----------------------------------------------------------------------------- NIH ChestX-ray14 (§2)
 

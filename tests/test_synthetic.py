@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import synthetic
-from phantom import render_image
-from synthetic import Finding, Study, generate, label_report, sample_study
+from world import synthetic
+from world.phantom import render_image
+from world.synthetic import Finding, Study, generate, label_report, sample_study
 
 SIZE = 64
 # Written out here from docs/datasets.md rather than imported, so that a drifting constant fails the test.

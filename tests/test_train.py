@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
-from cli import parse_config
-from maco import MaCo, MaCoConfig, load_mae_encoder
+from util.cli import parse_config
+from maco import MaCo, MaCoConfig, load
 
 
 def run(argv):
@@ -50,18 +50,19 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(synthetic_root, tmp_pat
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
 
 
-def test_mae_init_reports_loaded_and_missing_keys_and_rejects_shape_mismatches(tmp_path):
+def test_mae_init_reports_loaded_and_missing_keys_and_rejects_shape_mismatches(tmp_path, capsys):
     model = MaCo(MaCoConfig.preset("tiny"))
     state = {k: torch.randn_like(v) for k, v in model.image_encoder.state_dict().items() if k != "norm.bias"}
     state["head.weight"] = torch.randn(10, 192)
     torch.save({"model": state}, tmp_path / "mae.pth")
-    report = load_mae_encoder(model, tmp_path / "mae.pth")
+    load(tmp_path / "mae.pth", into=model)
+    report = capsys.readouterr().out
     assert "loaded" in report and "norm.bias" in report and "head.weight" in report
     assert torch.equal(model.image_encoder.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
     state["blocks.0.attn.qkv.weight"] = torch.randn(3 * 768, 768)
     torch.save({"model": state}, tmp_path / "mae_base.pth")
     with pytest.raises(ValueError, match=r"blocks.0.attn.qkv.weight: file \(2304, 768\) vs model \(576, 192\)"):
-        load_mae_encoder(model, tmp_path / "mae_base.pth")
+        load(tmp_path / "mae_base.pth", into=model)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -68,6 +68,14 @@ def load_tokenizer(path) -> Tokenizer:
     return tokenizer
 
 
+def as_tokenizer(tokenizer) -> Tokenizer:
+    """A tokenizers.Tokenizer, or the path of a tokenizers JSON file (the released mimic_wordpiece.json)."""
+    if isinstance(tokenizer, Tokenizer):
+        check_special_tokens(tokenizer)
+        return tokenizer
+    return load_tokenizer(tokenizer)
+
+
 def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int = 100) -> dict:
     """Tokenize captions into a padded batch: [CLS] + tokens, truncated to max_len, padded to the longest.
 

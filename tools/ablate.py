@@ -1,8 +1,8 @@
 """Test the paper's claims on the ground-truth world: masking and correlation weighting against plain contrast.
 
-    python ablate.py                      # every variant x 2 seeds on the default world (long: see the README)
-    python ablate.py --quick              # CI: a small world, a few dozen steps, one seed (minutes)
-    python ablate.py --variants clip,maco --seeds 3
+    python -m tools.ablate                      # every variant x 2 seeds on the default world (long: see the README)
+    python -m tools.ablate --quick              # CI: a small world, a few dozen steps, one seed (minutes)
+    python -m tools.ablate --variants clip,maco --seeds 3
 
 The paper's central claims (Huang et al., Nature Communications 2024, the method section and its ablations) are
 that (1) masked image modelling trained together with the image-report contrast gives a better representation
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import eval_datasets
-from checkpoint import check_writable, write_atomic, write_json
-from cli import check_options, option, run_script
+from util import eval_datasets
+from util.checkpoint import check_writable, write_atomic, write_json
+from util.cli import check_options, option, run_script
 from eval_zeroshot import PHRASES, evaluate_grounding, zero_shot_predictions
-from maco import load_checkpoint
-from metrics import roc_auc
+from maco import load
+from util.metrics import roc_auc
 from train import RECIPES, TrainConfig, train
 
 VARIANTS = {  # model settings of each variant, on top of the recipe's preset
@@ -131,7 +131,7 @@ def linear_probe(train_x, train_y, test_x, weight_decay: float = 1e-3, steps: in
 
 def score_variant(cfg: AblateConfig, variant: str, checkpoint: Path) -> dict:
     """Per-image and per-pair scores of one trained variant on the test split (kept for paired comparisons)."""
-    model, tokenizer, _ = load_checkpoint(checkpoint)
+    model, tokenizer = load(checkpoint)
     size, chans = model.cfg.img_size, model.cfg.in_chans
     class_names = eval_datasets.synthetic_class_names(cfg.root)
     test = eval_datasets.ClassificationDataset(eval_datasets.load_synthetic(cfg.root, class_names, "test"), size, chans)

@@ -1,8 +1,8 @@
 """Why does a MaCo checkpoint ground (or not)? Six diagnostics a student can run on any checkpoint (docs/method.md §9).
 
-    python diagnostics.py --ckpt runs/maco/checkpoint.pt            # the synthetic test split (data/synthetic)
-    python diagnostics.py --ckpt runs/maco/checkpoint.pt --out runs/maco/diagnostics.json
-    python diagnostics.py --ckpt runs/maco/checkpoint.pt --figure docs/grounding_example.png  # own / swapped / empty maps
+    python -m tools.diagnostics --ckpt runs/maco/checkpoint.pt            # the synthetic test split (data/synthetic)
+    python -m tools.diagnostics --ckpt runs/maco/checkpoint.pt --out runs/maco/diagnostics.json
+    python -m tools.diagnostics --ckpt runs/maco/checkpoint.pt --figure docs/grounding_example.png  # own / swapped / empty maps
 
 1. Text: do the findings get distinct text embeddings? Cosine matrix of one report sentence per finding
    (the first grounding phrase of each category in the test split) and of the zero-shot prompts "There is {c}. ".
@@ -32,15 +32,15 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-import eval_datasets
-from checkpoint import check_writable, write_atomic, write_json
-from cli import check_options, option, run_script
+from util import eval_datasets
+from util.checkpoint import check_writable, write_atomic, write_json
+from util.cli import check_options, option, run_script
 from data import check_root
-from devices import pick_device
+from util.devices import pick_device
 from eval_zeroshot import (READOUTS, class_embeddings, class_prompts, embed_texts, grounding_caption, similarity_map,
                            swapped_phrases)
 from maco import load
-from metrics import cnr, miou, pointing_game, roc_auc
+from util.metrics import cnr, miou, pointing_game, roc_auc
 
 
 def finding_sentences(pairs) -> dict[str, str]:

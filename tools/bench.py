@@ -1,8 +1,8 @@
 """Measure, don't guess: the speed of one MaCo training step, and separately of the data loader.
 
-    python bench.py --preset tiny --batch-size 32
-    python bench.py --preset base --batch-size 2
-    python bench.py --loader --root data/synthetic        # images/s of the training DataLoader
+    python -m tools.bench --preset tiny --batch-size 32
+    python -m tools.bench --preset base --batch-size 2
+    python -m tools.bench --loader --root data/synthetic        # images/s of the training DataLoader
 
 The step (forward, backward, AdamW) runs on random tensors of the preset's shapes, reports padded to
 --text-len tokens, so nothing but the model is timed. FLOPs are counted once with PyTorch's FlopCounterMode;
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import check_options, option, run_script
-from devices import autocast, pick_device, uses_bf16
+from util.cli import check_options, option, run_script
+from util.devices import autocast, pick_device, uses_bf16
 from maco import PRESETS, MaCo, MaCoConfig
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
@@ -89,7 +89,7 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> dict:
 def bench_loader(cfg: BenchConfig) -> dict:
     from torch.utils.data import DataLoader
     from data import Collate, MimicCXR
-    from tokenizer import train_tokenizer
+    from util.tokenizer import train_tokenizer
     model_cfg = MaCoConfig.preset(cfg.preset)
     dataset = MimicCXR(cfg.root, split="train", image_size=model_cfg.input_size, in_chans=model_cfg.in_chans,
                        augment=True, cache=cfg.cache or None, seed=0)

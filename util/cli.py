@@ -5,14 +5,18 @@ the allowed values (`choices`) or range (`minimum`, `maximum`, `below`, `above`)
 every instance, from the command line or from code (call it in `__post_init__`). Booleans get `--flag /
 --no-flag`; a default of None means "decided by another setting" (the help says which) and is checked once set.
 
-A field made with `overrides(ConfigClass, presets)` holds a dict of settings of another dataclass: each of that
-class's fields becomes a flag too, `--help` shows the value every preset gives it, and only the flags given end
-up in the dict (train.py's model settings: `--img-size 96` overrides the preset's image size).
+A field made with `overrides(ConfigClass, presets)` holds a dict of settings of another, plain dataclass (the
+model's `MaCoConfig`, which knows nothing of command lines): each of its fields becomes a flag too, with the comment
+beside the field as its help; `--help` shows the value every preset gives it, and only the flags given end up in
+the dict (train.py's model settings: `--img-size 96` overrides the preset's image size).
 """
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import math
+import re
 import sys
 import typing
 
@@ -34,6 +38,18 @@ def overrides(config_class, presets: dict, help: str):
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def as_flags(message, config_class) -> str:
+    """A message that names fields of `config_class` (`img_size`) as the command line names them (`--img-size`)."""
+    names = "|".join(spec.name for spec in dataclasses.fields(config_class))
+    return re.sub(rf"\b({names})\b", lambda match: flag(match[1]), str(message))
+
+
+@functools.cache
+def field_comments(cls) -> dict[str, str]:
+    """The comment beside each field of a plain dataclass (`depth: int = 12  # encoder blocks`): its help text."""
+    return dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]+#\s*(.+)$", inspect.getsource(cls), flags=re.M))
 
 
 def _allowed(spec: dataclasses.Field) -> str:
@@ -73,7 +89,8 @@ def _field_type(cls, spec: dataclasses.Field):
 
 def _add_flag(parser, cls, spec, default, extra_help: str = "") -> None:
     kind = _field_type(cls, spec)
-    text = spec.metadata.get("help", "") + extra_help
+    text = spec.metadata.get("help") or field_comments(cls).get(spec.name, "")
+    text += extra_help
     allowed = _allowed(spec)
     if allowed and "choices" not in spec.metadata:
         text += f"; {allowed}"

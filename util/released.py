@@ -1,6 +1,6 @@
 """The released MaCo weights (`maco.pth`, github.com/SZUHvern/MaCo) in this project's model (docs/method.md §12, D12).
 
-    model, tokenizer = maco.load_released("maco.pth", "mimic_wordpiece.json")   # or maco.load(path, tokenizer)
+    model, tokenizer = maco.load("maco.pth", "mimic_wordpiece.json")
 
 The released pretraining code saves `{"model": state_dict, "optimizer", "epoch", "scaler", "args"}`, where `args`
 is its command line, an `argparse.Namespace`. The file is read with `weights_only=True` and that one class
@@ -34,14 +34,12 @@ import re
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer
 
-from checkpoint import read_checkpoint
-from maco import PRESETS, TRAIN_CHECKPOINT_KEYS, MaCo, MaCoConfig, from_checkpoint
-from tokenizer import check_special_tokens, load_tokenizer
+from util.checkpoint import read_checkpoint
 
 ALLOWED_CLASSES = (argparse.Namespace,)  # the released command line, pickled under "args"
 BERT = "bert_encoder.model.bert."
+WIDTH_KEYS = ("pos_embed", BERT + "embeddings.word_embeddings.weight")  # the image and text widths: the preset
 # a layer of the released (Hugging Face) BERT, `encoder.layer.<i>.<name>` -> ours, `layers.<i>.<name>`
 TEXT_LAYER = {
     "attention.self.query": "attention.query",
@@ -140,7 +138,7 @@ def _listed(problems: list[str], limit: int = 12) -> str:
     return "\n  " + "\n  ".join(shown)
 
 
-def _shape_problem(key: str, name: str, found: tuple, wanted: tuple, cfg: MaCoConfig) -> str:
+def _shape_problem(key: str, name: str, found: tuple, wanted: tuple, cfg) -> str:
     problem = f"{key} -> {name}: file {found} vs model {wanted}"
     if key.endswith("pooler.dense.weight") and len(found) == 2 and found[0] == found[1]:
         problem += (f"\n    A square {found[1]} -> {found[0]} text pooler is the one the released *code* builds "
@@ -157,7 +155,7 @@ def _shape_problem(key: str, name: str, found: tuple, wanted: tuple, cfg: MaCoCo
     return problem
 
 
-def match(model: MaCo, state: dict, source: str) -> Report:
+def match(model, state: dict, source: str) -> Report:
     """Pair every released tensor with one of the model's, strictly. Raises ValueError naming every key this file
     does not know, every model tensor the file lacks, and every shape that differs (key and both shapes)."""
     own = model.state_dict()
@@ -182,7 +180,7 @@ def match(model: MaCo, state: dict, source: str) -> Report:
     return Report(source, loaded, dropped)
 
 
-def load_state(model: MaCo, state: dict, source: str) -> Report:
+def load_state(model, state: dict, source: str) -> Report:
     """Copy the released state dict into `model` (match's checks first, then a strict load_state_dict)."""
     report = match(model, state, source)
     model.load_state_dict({name: state[key] for key, name in report.loaded.items()}, strict=True)
@@ -190,85 +188,3 @@ def load_state(model: MaCo, state: dict, source: str) -> Report:
         report.notes.append(f"its inverse temperature Tpar = {model.logit_scale.item():.2f} is above the clamp at "
                             f"{model.cfg.logit_scale_max:g} of the training forward (--logit-scale-max)")
     return report
-
-
-def infer_config(state: dict, preset: str | None = None, **settings) -> MaCoConfig:
-    """The model the file holds: `preset` (None: the preset of the file's image and text widths, `base` for
-    maco.pth) with `settings`, and the super-resolution target read from `decoder_pred`'s shape: (2p)^2 C values
-    per patch with the target, p^2 C without. Any other decoder_pred shape is an error naming both."""
-    if preset is None:
-        widths = tuple(state[key].shape[-1] if key in state else None
-                       for key in ("pos_embed", BERT + "embeddings.word_embeddings.weight"))
-        fitting = [name for name, cfg in ((name, MaCoConfig.preset(name)) for name in PRESETS)
-                   if widths == (cfg.width, cfg.text_width)]
-        preset = fitting[0] if fitting else "base"  # none fits: `match` lists the shapes that differ
-    cfg = MaCoConfig.preset(preset, **settings)
-    if "decoder_pred.weight" not in state:
-        return cfg  # `match` reports the missing key
-    found = tuple(state["decoder_pred.weight"].shape)
-    for super_resolution in (True, False):
-        candidate = dataclasses.replace(cfg, super_resolution=super_resolution)
-        if found[0] == candidate.target_patch_size ** 2 * cfg.in_chans:
-            return candidate
-    wanted = " or ".join(f"{((cfg.patch_size * factor) ** 2 * cfg.in_chans, cfg.decoder_width)} "
-                         f"({'with' if factor == 2 else 'without'} the super-resolution target)" for factor in (2, 1))
-    raise ValueError(f"decoder_pred.weight: file {found} vs model {wanted} (`{preset}` preset)")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# From a file to a model
-
-def as_tokenizer(tokenizer) -> Tokenizer:
-    """A tokenizers.Tokenizer, or the path of a tokenizers JSON file (the released mimic_wordpiece.json)."""
-    if isinstance(tokenizer, Tokenizer):
-        check_special_tokens(tokenizer)
-        return tokenizer
-    return load_tokenizer(tokenizer)
-
-
-def model_from_released(checkpoint: dict, source: str, tokenizer: Tokenizer, preset: str | None = None):
-    """(MaCo in eval mode, Report) from a released file already read; the vocabulary size is the tokenizer's,
-    so a tokenizer that does not fit the weights is a shape error on the word embeddings."""
-    state = released_state(checkpoint)
-    if state is None:
-        raise ValueError(f"{source}: no released MaCo weights in it (no bert_encoder.* keys)")
-    model = MaCo(infer_config(state, preset, vocab_size=tokenizer.get_vocab_size()))
-    report = load_state(model, state, source)
-    return model.eval(), report
-
-
-def load_released(path, tokenizer, device="cpu", preset: str | None = None, verbose: bool = True):
-    """The released maco.pth and mimic_wordpiece.json (a path or a Tokenizer) -> (MaCo in eval mode, tokenizer).
-    Prints the report of what was loaded and dropped unless verbose=False."""
-    tokenizer = as_tokenizer(tokenizer)
-    model, report = model_from_released(read_weights(path, "released weights"), str(path), tokenizer, preset)
-    if verbose:
-        print(report)
-    return model.to(device), tokenizer
-
-
-def load(path, tokenizer=None, device="cpu", preset: str | None = None, verbose: bool = True):
-    """Any MaCo weights file -> (model in eval mode, tokenizer). A train.py checkpoint carries its tokenizer (a
-    `tokenizer` given as well must have the same vocabulary); the released maco.pth needs `tokenizer`, the
-    released mimic_wordpiece.json. The file is read once, safely (read_weights)."""
-    checkpoint = read_weights(path, "weights")
-    if "model_config" in checkpoint:  # written by train.py
-        missing = [key for key in TRAIN_CHECKPOINT_KEYS if key not in checkpoint]
-        if missing:
-            raise ValueError(f"weights {path}: a train.py checkpoint without {missing}")
-        model, own = from_checkpoint(checkpoint, path)
-        if tokenizer is not None and as_tokenizer(tokenizer).get_vocab() != own.get_vocab():
-            raise ValueError(f"{path} is a train.py checkpoint with its own tokenizer, and the tokenizer given "
-                             f"({tokenizer}) has another vocabulary; leave the tokenizer (--tokenizer) out")
-        return model.to(device).eval(), own
-    if released_state(checkpoint) is None:
-        raise ValueError(f"weights {path}: neither a train.py checkpoint (no model_config) nor the released MaCo "
-                         f"weights (no bert_encoder.* keys)")
-    if tokenizer is None:
-        raise ValueError(f"{path} holds the released MaCo weights, which come without a tokenizer: pass the "
-                         f"released mimic_wordpiece.json (--tokenizer mimic_wordpiece.json)")
-    tokenizer = as_tokenizer(tokenizer)
-    model, report = model_from_released(checkpoint, str(path), tokenizer, preset)
-    if verbose:
-        print(report)
-    return model.to(device), tokenizer

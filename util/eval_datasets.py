@@ -311,7 +311,7 @@ def synthetic_class_names(root) -> list[str]:
     path = Path(root) / SYNTHETIC_LABELS_CSV
     header = next(read_csv(path, SYNTHETIC_ID_COLUMNS), None)
     if header is None:
-        raise ValueError(f"{path} has no rows; regenerate the world with `python synthetic.py`")
+        raise ValueError(f"{path} has no rows; regenerate the world with `python -m world.synthetic`")
     names = [name for name in header if name not in SYNTHETIC_ID_COLUMNS]
     if not names:
         raise ValueError(f"{path} has no finding columns after {','.join(SYNTHETIC_ID_COLUMNS)}")

@@ -5,7 +5,7 @@ findings (side, zone, size, severity) are described by MIMIC-style reports, writ
 out (docs/datasets.md §1; the test split's grounding boxes in the MS-CXR format of §6). The words for a
 finding correlate with what is in the image: that is what a contrastive model has to learn.
 
-    python synthetic.py --out data/synthetic --studies 6000 --seed 0
+    python -m world.synthetic --out data/synthetic --studies 6000 --seed 0
 
 Besides the official files (images, reports, metadata / split / chexpert CSVs) it writes
 `MS_CXR_Local_Alignment_v1.0.0.csv` (test split, one row per finding phrase and box, in pixels of the written image)
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from cli import check_options, option, run_script
+from util.cli import check_options, option, run_script
 from data import MS_CXR_HEADER, split_sentences
-from phantom import FINDINGS, render_image
+from world.phantom import FINDINGS, render_image
 
 FINDING_TO_CHEXPERT = {"cardiomegaly": "Cardiomegaly", "pleural effusion": "Pleural Effusion",
                        "pneumothorax": "Pneumothorax", "consolidation": "Consolidation", "nodule": "Lung Lesion",
