@@ -27,13 +27,24 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from maco import load
 from util import eval_datasets
 from util.checkpoint import check_writable, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import pick_device
-from maco import load
-from util.metrics import (IOU_THRESHOLDS, classification_metrics, cnr, gaussian_smooth, iou_at_thresholds, miou, nanmean,
-                     pointing_game, roc_auc, roc_curve, to_numpy)
+from util.metrics import (
+    IOU_THRESHOLDS,
+    classification_metrics,
+    cnr,
+    gaussian_smooth,
+    iou_at_thresholds,
+    miou,
+    nanmean,
+    pointing_game,
+    roc_auc,
+    roc_curve,
+    to_numpy,
+)
 from util.tokenizer import encode_texts
 
 # Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
@@ -129,11 +140,16 @@ def maps_from_patches(patch_emb: torch.Tensor, phrase_embs: torch.Tensor, prior:
     # float64 on the CPU (the maps are small): min-max scaling must tell a flat map from rounding noise
     maps = gaussian_smooth(similarity.view(batch, grid, grid).cpu().double(), sigma)  # (B, g, g), sigma in patches
     maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]  # (B, S, S)
+    return scale_to_unit_range(maps).float()  # (B, S, S)
+
+
+def scale_to_unit_range(maps: torch.Tensor, tolerance: float = 1e-9) -> torch.Tensor:
+    """Min-max scale each map of (B, H, W) to [-1, 1]. A map whose spread is within `tolerance` of its magnitude (a
+    constant map, up to rounding) becomes 0."""
     low, high = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
     spread = high - low
-    has_contrast = spread > 1e-9 * torch.maximum(high.abs(), low.abs())  # not just rounding of a constant map
-    maps = torch.where(has_contrast, 2 * (maps - low) / torch.where(has_contrast, spread, 1.0) - 1, 0.0)
-    return maps.float()  # (B, S, S) in [-1, 1]; a constant map becomes 0
+    has_contrast = spread > tolerance * torch.maximum(high.abs(), low.abs())
+    return torch.where(has_contrast, 2 * (maps - low) / torch.where(has_contrast, spread, 1.0) - 1, 0.0)
 
 
 def phrase_embeddings(model, tokenizer, phrases) -> torch.Tensor:

@@ -36,13 +36,13 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from util import eval_datasets
-from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
-from util.cli import check_options, parse_config, option
 from data import grey_8bit, to_model_input
-from util.devices import autocast, pick_device
 from eval_zeroshot import plot_roc
 from maco import PRESETS, MaCo, MaCoConfig, load
+from util import eval_datasets
+from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
+from util.cli import check_options, option, run_script
+from util.devices import autocast, pick_device
 from util.metrics import classification_metrics, macro_auc
 from util.released import read_weights
 from vit import VisionTransformer
@@ -66,8 +66,7 @@ SETTINGS = {name: REAL_DATA for name in ("nih", "chexpert", "rsna", "siim")}
 # Steps fit the whole default run (2 initialisations x 3 fractions x 2 modes) in 10 minutes on 2 CPU cores.
 SETTINGS["synthetic"] = dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, linear_probe=None,
                              preset="tiny", img_size=64, batch_size=96, crop_scale=0.8, eval_interval=10,
-                             probe_lr=1.0, probe_steps=500, probe_warmup_steps=25, workers=0,
-                             figure="docs/label_efficiency.png")
+                             probe_lr=1.0, probe_steps=500, probe_warmup_steps=25, workers=0, figure=None)
 RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
                                  warmup_steps=warmup)
            for data, schedule in SCHEDULES.items() for pct, (lr, steps, warmup) in schedule.items()}
@@ -111,8 +110,8 @@ class FinetuneConfig:
     num_classes: int = option(0, "classes of the head; 0 = those of the data (released runs hard-coded 14)",
                               minimum=0)
     out_dir: str = option("runs/finetune", "where metrics.json, the best weights and the ROC plots go")
-    figure: str = option(None, "AUC against label fraction figure (recipe: synthetic docs/label_efficiency.png, "
-                         "else <out-dir>/label_efficiency.png)")
+    figure: str = option(None, "AUC against label fraction figure (default <out-dir>/label_efficiency.png; the "
+                         "README's copy: --figure docs/label_efficiency.png)")
     n_boot: int = option(1000, "bootstrap resamples for the test macro-AUC 95% interval", minimum=1)
     seed: int = option(0, "seed of the label subsets, the head initialisation and the data order", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
@@ -137,14 +136,14 @@ def resolve(cfg: FinetuneConfig) -> list[FinetuneConfig]:
         filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
         if cfg.init or cfg.scratch:
             filled.pop("ckpt", None)  # an MAE or a random encoder replaces the recipe's checkpoint
-        run = dataclasses.replace(cfg, recipe=name, **filled)
-        if run.figure is None:
-            run = dataclasses.replace(run, figure=str(Path(cfg.out_dir) / "label_efficiency.png"))
-        if not run.root:
+        setting = dataclasses.replace(cfg, recipe=name, **filled)
+        if setting.figure is None:
+            setting = dataclasses.replace(setting, figure=str(Path(cfg.out_dir) / "label_efficiency.png"))
+        if not setting.root:
             raise ValueError(f"--recipe {name} needs --root, the {recipe['data']} dataset folder")
-        if recipe["data"] != "synthetic" and not run.split_dir:
+        if recipe["data"] != "synthetic" and not setting.split_dir:
             raise ValueError(f"--recipe {name} needs --split-dir, the released DatasetsSplits folder")
-        runs.append(run)
+        runs.append(setting)
     return runs
 
 
@@ -160,26 +159,26 @@ def label_subset(n: int, fraction: float, seed: int) -> np.ndarray:
     return order[:max(1, math.ceil(round(fraction * n, 6)))]
 
 
-def load_data(run: FinetuneConfig) -> dict:
+def load_data(setting: FinetuneConfig) -> dict:
     """Training subset, validation and test items and the class names of one run's data set and label fraction."""
-    data = RECIPES[run.recipe]["data"]
+    data = RECIPES[setting.recipe]["data"]
     if data == "synthetic":
-        names = eval_datasets.synthetic_class_names(eval_datasets.check_root(run.root, "synthetic world"))
-        train = eval_datasets.load_synthetic(run.root, names, "train")
-        train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
-        val, test = (eval_datasets.load_synthetic(run.root, names, split) for split in ("validate", "test"))
+        names = eval_datasets.synthetic_class_names(eval_datasets.check_root(setting.root, "synthetic world"))
+        train = eval_datasets.load_synthetic(setting.root, names, "train")
+        train = [train[i] for i in label_subset(len(train), setting.label_fraction, setting.seed)]
+        val, test = (eval_datasets.load_synthetic(setting.root, names, split) for split in ("validate", "test"))
     else:
         names = eval_datasets.SPLIT_CLASSES[data]
-        file = eval_datasets.TRAIN_FILES.get(run.label_fraction)
-        train = eval_datasets.load_split(data, run.root, run.split_dir, file or "train_list")
+        file = eval_datasets.TRAIN_FILES.get(setting.label_fraction)
+        train = eval_datasets.load_split(data, setting.root, setting.split_dir, file or "train_list")
         if file is None:  # another fraction: a nested subsample of the whole training list
-            train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
-        val, test = (eval_datasets.load_split(data, run.root, run.split_dir, name) for name in ("val_list", "test_list"))
+            train = [train[i] for i in label_subset(len(train), setting.label_fraction, setting.seed)]
+        val, test = (eval_datasets.load_split(data, setting.root, setting.split_dir, name) for name in ("val_list", "test_list"))
     for items, what in ((train, "training"), (val, "validation"), (test, "test")):
         if items[0].labels.shape[0] != len(names):
             raise ValueError(f"the {what} labels have {items[0].labels.shape[0]} classes; {data} has {len(names)}")
-    if run.num_classes and run.num_classes != len(names):
-        raise ValueError(f"--num-classes {run.num_classes} does not match the data: {data} has {len(names)} "
+    if setting.num_classes and setting.num_classes != len(names):
+        raise ValueError(f"--num-classes {setting.num_classes} does not match the data: {data} has {len(names)} "
                          f"classes ({', '.join(names)})")
     overlap = len({item.path for item in train} & {item.path for item in test})
     if overlap:  # the released SIIM lists overlap (docs/datasets.md §4.4)
@@ -188,7 +187,7 @@ def load_data(run: FinetuneConfig) -> dict:
     positives = {name: int(np.sum(labels[:, c] == 1)) for c, name in enumerate(names)}
     absent = [name for c, name in enumerate(names) if positives[name] == 0 or np.sum(labels[:, c] == 0) == 0]
     if absent:
-        print(f"warning: in the {len(train)} training images of {run.recipe}, {', '.join(absent)} never "
+        print(f"warning: in the {len(train)} training images of {setting.recipe}, {', '.join(absent)} never "
               f"(or always) occur: their outputs learn only that; their test AUC is still measured")
     return dict(train=train, val=val, test=test, class_names=names, train_positives=positives)
 
@@ -286,49 +285,49 @@ def preset_name(cfg: MaCoConfig) -> str:
                                                   for k in keys)), "custom")
 
 
-def initialisations(run: FinetuneConfig) -> list[dict]:
+def initialisations(setting: FinetuneConfig) -> list[dict]:
     """[{name, label, encoder, cfg}] in table order: the --ckpt (or --init) encoder unless --scratch, then a random
-    encoder of the same shape unless --no-scratch (run.scratch None: both). A finetune.py checkpoint also brings
+    encoder of the same shape unless --no-scratch (setting.scratch None: both). A finetune.py checkpoint also brings
     its head and class names."""
     inits = []
-    if not run.scratch:
-        if run.init:
-            cfg = MaCoConfig.preset(run.preset, img_size=run.img_size)
-            model, _ = load(run.init, into=MaCo(cfg))
-            inits.append(dict(name="mae", label=f"MAE ({run.init})", encoder=model.image_encoder, cfg=cfg))
-        elif not run.ckpt:
-            raise ValueError(f"--recipe {run.recipe}: pass --ckpt, --init or --scratch")
-        elif not Path(run.ckpt).is_file():
+    if not setting.scratch:
+        if setting.init:
+            cfg = MaCoConfig.preset(setting.preset, img_size=setting.img_size)
+            model, _ = load(setting.init, into=MaCo(cfg))
+            inits.append(dict(name="mae", label=f"MAE ({setting.init})", encoder=model.image_encoder, cfg=cfg))
+        elif not setting.ckpt:
+            raise ValueError(f"--recipe {setting.recipe}: pass --ckpt, --init or --scratch")
+        elif not Path(setting.ckpt).is_file():
             hint = ("run `python train.py` first (it trains the tiny MaCo this compares against scratch), "
-                    if run.ckpt == RECIPES[run.recipe]["ckpt"] else "")
-            raise FileNotFoundError(f"no checkpoint at {run.ckpt}: {hint}or pass --ckpt PATH, --init PATH or --scratch")
-        elif "classifier" in (checkpoint := read_weights(run.ckpt, "--ckpt")):  # a best.pt of this script
+                    if setting.ckpt == RECIPES[setting.recipe]["ckpt"] else "")
+            raise FileNotFoundError(f"no checkpoint at {setting.ckpt}: {hint}or pass --ckpt PATH, --init PATH or --scratch")
+        elif "classifier" in (checkpoint := read_weights(setting.ckpt, "--ckpt")):  # a best.pt of this script
             cfg = MaCoConfig(**checkpoint["model_config"])
             classifier = Classifier(new_encoder(cfg), len(checkpoint["class_names"]))
             classifier.load_state_dict(checkpoint["classifier"])
-            inits.append(dict(name="finetuned", label=f"fine-tuned ({run.ckpt})", encoder=classifier.encoder,
+            inits.append(dict(name="finetuned", label=f"fine-tuned ({setting.ckpt})", encoder=classifier.encoder,
                               cfg=cfg, head=classifier.head, class_names=checkpoint["class_names"]))
         else:
-            model, _ = load(run.ckpt, run.tokenizer or None)
+            model, _ = load(setting.ckpt, setting.tokenizer or None)
             encoder, cfg = model.image_encoder, model.cfg
-            inits.append(dict(name="maco", label=f"MaCo {preset_name(cfg)} ({run.ckpt})", encoder=encoder, cfg=cfg))
-    if run.scratch is not False:
-        cfg = inits[0]["cfg"] if inits else MaCoConfig.preset(run.preset, img_size=run.img_size)
-        torch.manual_seed(run.seed)
+            inits.append(dict(name="maco", label=f"MaCo {preset_name(cfg)} ({setting.ckpt})", encoder=encoder, cfg=cfg))
+    if setting.scratch is not False:
+        cfg = inits[0]["cfg"] if inits else MaCoConfig.preset(setting.preset, img_size=setting.img_size)
+        torch.manual_seed(setting.seed)
         inits.append(dict(name="scratch", label=f"scratch {preset_name(cfg)}", encoder=new_encoder(cfg), cfg=cfg))
     for init in inits:
         cfg = init["cfg"]
-        if cfg.img_size != run.img_size:
+        if cfg.img_size != setting.img_size:
             raise ValueError(f"{init['label']} is a {preset_name(cfg)} model for {cfg.img_size}-pixel images, but "
-                             f"--recipe {run.recipe} fine-tunes at {run.img_size} pixels (the {run.preset} preset): "
-                             f"pass a {run.preset} checkpoint, or --img-size {cfg.img_size} to use this one")
+                             f"--recipe {setting.recipe} fine-tunes at {setting.img_size} pixels (the {setting.preset} preset): "
+                             f"pass a {setting.preset} checkpoint, or --img-size {cfg.img_size} to use this one")
     return inits
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training: schedule, loss, one loop for fine-tuning and the linear probe
 
-def lr_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+def finetune_lr(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate of optimizer step `step` (1-based): linear warm-up to `peak`, then a half cosine reaching 0 at
     the last step (released WarmupCosineSchedule, which is stepped before the optimizer)."""
     if step < warmup_steps:
@@ -357,29 +356,29 @@ def predict(model, batches, device) -> tuple[np.ndarray, np.ndarray]:
     return torch.cat(labels).numpy(), torch.cat(scores).numpy()
 
 
-def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: int, run: FinetuneConfig, validate,
+def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: int, setting: FinetuneConfig, validate,
         save, device, desc: str) -> dict:
     """SGD (momentum 0.9) on BCE with logits, warm-up + cosine, gradient clipping. Validation (macro AUC) at step
-    0, every run.eval_interval steps (unset: every 10 epochs of `epoch_steps` steps, as released) and at the end;
+    0, every setting.eval_interval steps (unset: every 10 epochs of `epoch_steps` steps, as released) and at the end;
     each new best is saved (save(step, auc)) and the best weights are loaded back at the end.
     Returns {best_step, best_val_auc, losses (one per step), validations {step: auc}}."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=run.weight_decay)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=setting.weight_decay)
     best = dict(best_step=0, best_val_auc=validate(), state=copy.deepcopy(model.state_dict()))
     save(0, best["best_val_auc"])
     validations, losses = {0: best["best_val_auc"]}, []
-    eval_interval = run.eval_interval or 10 * epoch_steps
+    eval_interval = setting.eval_interval or 10 * epoch_steps
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, warmup_steps, steps)
+            group["lr"] = finetune_lr(step, lr, warmup_steps, steps)
         inputs, labels = next(batches)
         with autocast(device):
             logits = model(inputs.to(device, non_blocking=True))
         loss = bce_loss(logits, labels.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, run.clip_grad)
+        torch.nn.utils.clip_grad_norm_(params, setting.clip_grad)
         optimizer.step()
         losses.append(loss.detach())
         if step % eval_interval == 0 or step == steps:
@@ -391,51 +390,51 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
     return dict(best, losses=[loss.item() for loss in losses], validations=validations)
 
 
-def loader(dataset, batch_size: int, run: FinetuneConfig, device, sampler=None):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=run.workers,
+def loader(dataset, batch_size: int, setting: FinetuneConfig, device, sampler=None):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=setting.workers,
                                        pin_memory=device.type == "cuda")
 
 
-def saver(model: Classifier, init: dict, mode: str, data: dict, run: FinetuneConfig):
+def saver(model: Classifier, init: dict, mode: str, data: dict, setting: FinetuneConfig):
     """save(step, val_auc): the classifier's weights and what they are, atomically to <out-dir>/<recipe>/<run>/best.pt
     (the file `--ckpt` takes back)."""
     def save(step: int, val_auc: float) -> None:
-        save_checkpoint(run_dir(run, init, mode) / "best.pt", {
+        save_checkpoint(run_dir(setting, init, mode) / "best.pt", {
             "classifier": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
-            "class_names": list(data["class_names"]), "finetune_config": dataclasses.asdict(run), "mode": mode,
+            "class_names": list(data["class_names"]), "finetune_config": dataclasses.asdict(setting), "mode": mode,
             "init": init["label"], "step": step, "val_macro_auc": val_auc})
     return save
 
 
-def run_dir(run: FinetuneConfig, init: dict, mode: str) -> Path:
-    return Path(run.out_dir) / run.recipe / f"{init['name']}-{mode}"
+def run_dir(setting: FinetuneConfig, init: dict, mode: str) -> Path:
+    return Path(setting.out_dir) / setting.recipe / f"{init['name']}-{mode}"
 
 
-def finetune(init: dict, data: dict, run: FinetuneConfig, device) -> tuple[Classifier, dict]:
+def finetune(init: dict, data: dict, setting: FinetuneConfig, device) -> tuple[Classifier, dict]:
     """Fine-tune encoder and head on the training subset; returns the model at its best validation step."""
-    torch.manual_seed(run.seed)
-    model = Classifier(copy.deepcopy(init["encoder"]), len(data["class_names"]), run.drop_path).to(device)
+    torch.manual_seed(setting.seed)
+    model = Classifier(copy.deepcopy(init["encoder"]), len(data["class_names"]), setting.drop_path).to(device)
     if init.get("head") is not None:
         model.head.load_state_dict(init["head"].state_dict())
-    train_set = FinetuneDataset(data["train"], run.img_size, init["cfg"].in_chans, True, run.crop_scale)
-    batch = min(run.batch_size, len(train_set))
-    batches = iter(loader(train_set, batch, run, device, EndlessPermutations(len(train_set), run.seed)))
-    val = loader(FinetuneDataset(data["val"], run.img_size, init["cfg"].in_chans), run.batch_size, run, device)
-    history = fit(model, batches, run.steps, run.lr, run.warmup_steps, math.ceil(len(train_set) / batch), run,
-                  lambda: macro_auc(*predict(model, val, device)), saver(model, init, "finetune", data, run), device,
-                  f"{run.recipe} {init['name']} fine-tune")
+    train_set = FinetuneDataset(data["train"], setting.img_size, init["cfg"].in_chans, True, setting.crop_scale)
+    batch = min(setting.batch_size, len(train_set))
+    batches = iter(loader(train_set, batch, setting, device, EndlessPermutations(len(train_set), setting.seed)))
+    val = loader(FinetuneDataset(data["val"], setting.img_size, init["cfg"].in_chans), setting.batch_size, setting, device)
+    history = fit(model, batches, setting.steps, setting.lr, setting.warmup_steps, math.ceil(len(train_set) / batch), setting,
+                  lambda: macro_auc(*predict(model, val, device)), saver(model, init, "finetune", data, setting), device,
+                  f"{setting.recipe} {init['name']} fine-tune")
     return model, dict(history, batch_size=batch)
 
 
 @torch.no_grad()
-def features_of(model: Classifier, items, run: FinetuneConfig, device, cache: dict) -> torch.Tensor:
+def features_of(model: Classifier, items, setting: FinetuneConfig, device, cache: dict) -> torch.Tensor:
     """Pooled features (N, D) of the frozen encoder, without augmentation; each image is encoded once (cache)."""
     todo = [item for item in dict((item.path, item) for item in items).values() if item.path not in cache]
     if todo:
-        dataset = FinetuneDataset(todo, run.img_size, model.encoder.patch_embed.proj.in_channels)
+        dataset = FinetuneDataset(todo, setting.img_size, model.encoder.patch_embed.proj.in_channels)
         model.eval()
         done = 0
-        for images, _ in tqdm(loader(dataset, run.batch_size, run, device), desc="features", leave=False):
+        for images, _ in tqdm(loader(dataset, setting.batch_size, setting, device), desc="features", leave=False):
             with autocast(device):
                 feats = model.features(images.to(device)).float().cpu()
             for item, feature in zip(todo[done:done + len(feats)], feats):
@@ -444,51 +443,51 @@ def features_of(model: Classifier, items, run: FinetuneConfig, device, cache: di
     return torch.stack([cache[item.path] for item in items])
 
 
-def linear_probe(init: dict, data: dict, run: FinetuneConfig, device, cache: dict) -> tuple[Classifier, dict]:
+def linear_probe(init: dict, data: dict, setting: FinetuneConfig, device, cache: dict) -> tuple[Classifier, dict]:
     """Train a fresh head on the frozen encoder's features; returns the model at its best validation step."""
-    torch.manual_seed(run.seed)
+    torch.manual_seed(setting.seed)
     model = Classifier(copy.deepcopy(init["encoder"]), len(data["class_names"])).to(device)
     model.encoder.requires_grad_(False)
     if init.get("head") is not None:
         model.head.load_state_dict(init["head"].state_dict())
-    split = {name: (features_of(model, data[name], run, device, cache),
+    split = {name: (features_of(model, data[name], setting, device, cache),
                     torch.from_numpy(np.stack([item.labels for item in data[name]]))) for name in ("train", "val")}
     x, y = split["train"]
-    batch = min(run.batch_size, len(x))
+    batch = min(setting.batch_size, len(x))
 
     def feature_batches():
-        indices = iter(EndlessPermutations(len(x), run.seed))
+        indices = iter(EndlessPermutations(len(x), setting.seed))
         while True:
             chosen = [next(indices) for _ in range(batch)]
             yield x[chosen], y[chosen]
 
     val = [split["val"]]
-    history = fit(model.head, feature_batches(), run.probe_steps, run.probe_lr, run.probe_warmup_steps,
-                  math.ceil(len(x) / batch), run,
-                  lambda: macro_auc(*predict(model.head, val, device)), saver(model, init, "linear-probe", data, run),
-                  device, f"{run.recipe} {init['name']} probe")
+    history = fit(model.head, feature_batches(), setting.probe_steps, setting.probe_lr, setting.probe_warmup_steps,
+                  math.ceil(len(x) / batch), setting,
+                  lambda: macro_auc(*predict(model.head, val, device)), saver(model, init, "linear-probe", data, setting),
+                  device, f"{setting.recipe} {init['name']} probe")
     return model, dict(history, batch_size=batch)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One data set at one label fraction, and the whole experiment
 
-def evaluate_run(model: Classifier, init: dict, mode: str, data: dict, run: FinetuneConfig, device, history: dict,
+def evaluate_run(model: Classifier, init: dict, mode: str, data: dict, setting: FinetuneConfig, device, history: dict,
                  cache: dict, seconds: float) -> dict:
     """Test metrics of the selected model, and its ROC curves beside its best.pt."""
-    folder = run_dir(run, init, mode)
+    folder = run_dir(setting, init, mode)
     if mode == "linear-probe":  # the frozen encoder's features, then the head
-        test = [(features_of(model, data["test"], run, device, cache),
+        test = [(features_of(model, data["test"], setting, device, cache),
                  torch.from_numpy(np.stack([item.labels for item in data["test"]])))]
         labels, scores = predict(model.head, test, device)
     else:
-        test = loader(FinetuneDataset(data["test"], run.img_size, init["cfg"].in_chans), run.batch_size, run, device)
+        test = loader(FinetuneDataset(data["test"], setting.img_size, init["cfg"].in_chans), setting.batch_size, setting, device)
         labels, scores = predict(model, test, device)
-    metrics = classification_metrics(labels, scores, data["class_names"], run.n_boot, run.seed)
+    metrics = classification_metrics(labels, scores, data["class_names"], setting.n_boot, setting.seed)
     plot_roc(labels, scores, data["class_names"], folder / "roc_curves.png", metrics["macro_auc"],
-             title=f"{run.recipe}, {init['name']}, {mode}: test ROC")
+             title=f"{setting.recipe}, {init['name']}, {mode}: test ROC")
     losses = history["losses"]
-    return dict(recipe=run.recipe, data=RECIPES[run.recipe]["data"], label_fraction=run.label_fraction,
+    return dict(recipe=setting.recipe, data=RECIPES[setting.recipe]["data"], label_fraction=setting.label_fraction,
                 init=init["name"], init_label=init["label"], mode=mode, train_images=len(data["train"]),
                 train_positives=data["train_positives"], val_images=len(data["val"]), batch_size=history["batch_size"],
                 best_step=history["best_step"], val_macro_auc=history["best_val_auc"],
@@ -508,22 +507,22 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
     modes = {True: ["linear-probe"], False: ["finetune"], None: ["finetune", "linear-probe"]}[runs[0].linear_probe]
     caches = {init["name"]: {} for init in inits}  # frozen features per initialisation, shared by the fractions
     results = []
-    for run in runs:
-        data = load_data(run)
+    for setting in runs:
+        data = load_data(setting)
         for init in inits:
             if init.get("class_names") and len(init["class_names"]) != len(data["class_names"]):
                 raise ValueError(f"{init['label']} has a head for {len(init['class_names'])} classes; "
-                                 f"{run.recipe} has {len(data['class_names'])}")
+                                 f"{setting.recipe} has {len(data['class_names'])}")
             for mode in modes:
                 began = time.time()
                 if mode == "finetune":
-                    model, history = finetune(init, data, run, device)
+                    model, history = finetune(init, data, setting, device)
                 else:
-                    model, history = linear_probe(init, data, run, device, caches[init["name"]])
-                result = evaluate_run(model, init, mode, data, run, device, history, caches[init["name"]],
+                    model, history = linear_probe(init, data, setting, device, caches[init["name"]])
+                result = evaluate_run(model, init, mode, data, setting, device, history, caches[init["name"]],
                                       time.time() - began)
                 low, high = result["test"]["macro_auc_ci95"]
-                print(f"{run.recipe:<16}{init['name']:<10}{mode:<13} test macro AUC {result['test']['macro_auc']:.3f} "
+                print(f"{setting.recipe:<16}{init['name']:<10}{mode:<13} test macro AUC {result['test']['macro_auc']:.3f} "
                       f"[{low:.3f}, {high:.3f}]  (best step {result['best_step']}, {result['seconds']:.0f} s)")
                 results.append(result)
                 summary = dict(recipe=cfg.recipe, config=dataclasses.asdict(cfg), runs=results,
@@ -593,17 +592,14 @@ def plot_label_efficiency(results: list[dict], path) -> None:
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_config(FinetuneConfig, argv, __doc__)
-        summary = run_experiment(cfg)
-    except SystemExit as exit:  # argparse: --help, or a bad flag (its message is printed)
-        return exit.code
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_script(FinetuneConfig, run_and_print, argv, __doc__)
+
+
+def run_and_print(cfg: FinetuneConfig) -> int:
+    summary = run_experiment(cfg)
     print("\n" + format_table(summary["runs"]))
     print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and ROC "
-          f"curves under {cfg.out_dir}, and {summary['figure']}")
+          f"curves under {cfg.out_dir}" + (f", and {summary['figure']}" if summary["figure"] else ""))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 docs/method.md §6. `reconstruction_loss` is the MAE term (§6.1); `correlation_weighted_contrastive_loss` is the
 released four-term form of decision D5 (§6.3), and `clip_loss` the plain symmetric InfoNCE it reduces to when
-every correlation weight is equal. Half and bfloat16 inputs are computed in float32; float64 stays float64.
+every correlation weight is 1 (at initialisation they are all softplus(0) = ln 2, not 1). Half and bfloat16 inputs are computed in float32; float64 stays float64.
 """
 
 import torch

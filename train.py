@@ -29,11 +29,11 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data import Collate, MimicCXR, OpenI
+from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
-from data import Collate, MimicCXR, OpenI
 from util.devices import autocast, setup_distributed, uses_bf16
-from maco import PRESETS, MaCo, MaCoConfig, load
 from util.tokenizer import load_tokenizer, train_tokenizer
 
 RECIPES = {
@@ -272,7 +272,7 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
 # ----------------------------------------------------------------------------------------------------------
 # Schedule, data order, one optimizer step
 
-def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+def pretrain_lr(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Linear warm-up from 0, then a half-cycle cosine to 0 at the last epoch (docs/method.md §7.1), per step."""
     epoch = step / steps_per_epoch
     if epoch < cfg.warmup_epochs:
@@ -312,7 +312,7 @@ def train_step(run: Run, step: int, batches: list[dict]) -> dict:
     cfg, device = run.cfg, run.device
     torch.manual_seed(cfg.seed * 1_000_003 + run.rank * 10_007 + step)  # masks and dropout of this step
     for group in run.optimizer.param_groups:
-        group["lr"] = lr_at(step, run.steps_per_epoch, cfg)
+        group["lr"] = pretrain_lr(step, run.steps_per_epoch, cfg)
     out, images_trained, skipped = None, 0, sum(batch["skipped"] for batch in batches)
     if skipped and run.world > 1:  # all_gather needs equal batches on every process
         raise TrainingError(f"{skipped} unreadable image(s) in a {run.world}-process run; find them with "
@@ -339,7 +339,7 @@ def checkpoint_state(run: Run, step: int) -> dict:
     return {"model": run.model.state_dict(), "model_config": dataclasses.asdict(run.model_cfg),
             "train_config": dataclasses.asdict(run.cfg), "tokenizer": run.tokenizer.to_str(),
             "optimizer": run.optimizer.state_dict(), "step": step, "steps_per_epoch": run.steps_per_epoch,
-            "lr": lr_at(step, run.steps_per_epoch, run.cfg)}
+            "lr": pretrain_lr(step, run.steps_per_epoch, run.cfg)}
 
 
 def log_record(run: Run, step: int, out: dict, images: int, seconds: float, skipped: int) -> dict:

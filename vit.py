@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Patches, masking and position embeddings: small named functions a reader can test in isolation.
 

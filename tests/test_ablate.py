@@ -9,11 +9,11 @@ from tools import ablate
 from util.metrics import roc_auc
 
 
-def test_the_linear_probe_finds_a_linearly_separable_finding():
+def test_the_logistic_probe_finds_a_linearly_separable_finding():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 20))
     y = np.stack([(x[:, 3] + 0.5 * x[:, 7] > 0), (x[:, 0] < -0.5)], axis=1).astype(float)  # two findings
-    probabilities = ablate.linear_probe(x[:300], y[:300], x[300:])
+    probabilities = ablate.logistic_probe(x[:300], y[:300], x[300:])
     assert probabilities.shape == (100, 2) and ((probabilities > 0) & (probabilities < 1)).all()
     assert roc_auc(y[300:, 0], probabilities[:, 0]) > 0.97 and roc_auc(y[300:, 1], probabilities[:, 1]) > 0.97
 

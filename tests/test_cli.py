@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from tools import bench
 import data
 import eval_zeroshot
-from world import synthetic
 import train
-from util.cli import build_parser, given_flags, parse_config
 from maco import MaCoConfig
+from tools import bench
+from util.cli import build_parser, given_flags, parse_config
+from world import synthetic
 
 BAD_FLAGS = [  # (script's main, argv, the message's key part)
     (train.main, ["--mask-ratio", "1.5"], "--mask-ratio 1.5: must be >= 0 and < 1"),

@@ -4,9 +4,9 @@ torchrun with two local ranks (NCCL), bf16 autocast, fused AdamW, pinned memory 
 import pytest
 import torch
 
-from util import devices
 import train
 from maco import MaCo, MaCoConfig
+from util import devices
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)
 
 from tools import diagnostics
 from util import eval_datasets
-from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)
 
 
 def test_diagnostics_measure_text_alignment_prior_probe_and_geometry(synthetic_root, tiny_model):

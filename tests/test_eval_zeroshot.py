@@ -9,13 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from util import checkpoint
-from util import eval_datasets
 import eval_zeroshot as ez
-from util import metrics as mt
-from fixtures_eval import (SIIM_NEGATIVE, SIIM_POSITIVE, SIIM_RLE, SIIM_TWO_REGIONS, make_chexpert, make_ms_cxr,
-                           make_nih, make_rsna, make_siim, make_synthetic_labels, rewrite_header)
+from fixtures_eval import (
+    SIIM_NEGATIVE,
+    SIIM_POSITIVE,
+    SIIM_RLE,
+    SIIM_TWO_REGIONS,
+    make_chexpert,
+    make_ms_cxr,
+    make_nih,
+    make_rsna,
+    make_siim,
+    make_synthetic_labels,
+    rewrite_header,
+)
 from maco import MaCo, MaCoConfig
+from util import checkpoint, eval_datasets
+from util import metrics as mt
 from util.tokenizer import train_tokenizer
 
 CAPTIONS = ["there is cardiomegaly. ", "there is no pleural effusion. ", "no pneumothorax. ", "the lung is clear.",
@@ -211,6 +221,7 @@ def test_boxes_become_their_union_not_their_sum():
 
 def test_letterboxed_box_frame_matches_the_letterboxed_image_of_data_preprocessing():
     from PIL import Image
+
     from data import IMAGE_MEAN, IMAGE_STD
     pixels = np.zeros((200, 300), np.uint8)  # landscape; a white box x 100..199, y 60..139
     pixels[60:140, 100:200] = 255

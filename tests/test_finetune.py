@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from util import eval_datasets
 import finetune as ft
-from fixtures_eval import SIIM_NEGATIVE, SIIM_POSITIVE, SIIM_TWO_REGIONS, make_chexpert, make_nih, make_rsna, \
-    make_siim, write_text
+from fixtures_eval import (
+    SIIM_NEGATIVE,
+    SIIM_POSITIVE,
+    SIIM_TWO_REGIONS,
+    make_chexpert,
+    make_nih,
+    make_rsna,
+    make_siim,
+    write_text,
+)
 from maco import MaCo, MaCoConfig, load
+from util import eval_datasets
 from util.tokenizer import train_tokenizer
 
 
@@ -191,10 +199,10 @@ def test_a_split_file_of_another_class_count_is_refused(tmp_path):
 # -- schedule and loss ----------------------------------------------------------------------------------------
 
 def test_learning_rate_warms_up_linearly_then_follows_a_half_cosine_to_zero():
-    values = [ft.lr_at(step, 0.1, warmup_steps=4, total_steps=12) for step in (1, 2, 4, 8, 12)]
+    values = [ft.finetune_lr(step, 0.1, warmup_steps=4, total_steps=12) for step in (1, 2, 4, 8, 12)]
     # warm-up 0.1 * step / 4; then 0.1 * (1 + cos(pi * (step - 4) / 8)) / 2
     assert values == pytest.approx([0.025, 0.05, 0.1, 0.05, 0.0])
-    assert ft.lr_at(6, 0.1, 4, 12) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert ft.finetune_lr(6, 0.1, 4, 12) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
 
 
 def test_bce_loss_is_the_mean_over_known_labels():

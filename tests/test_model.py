@@ -6,8 +6,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from maco import MaCo, MaCoConfig
 from loss import clip_loss
+from maco import MaCo, MaCoConfig
 from text_encoder import TextEncoder
 from util.tokenizer import encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from vit import VisionTransformer, drop_path, patchify, random_masking, sincos_2d_pos_embed, unpatchify

@@ -34,8 +34,8 @@ def test_the_four_notebooks_are_stored_without_outputs():
 def notebook_inputs(tmp_path_factory):
     """(checkpoint, synthetic world): runs/maco/checkpoint.pt if `python train.py` wrote one, else 16 training
     steps of `tiny` on a 600-study world (well under a minute on 2 idle CPU cores)."""
-    from world.synthetic import generate
     from train import TrainConfig, train
+    from world.synthetic import generate
 
     folder = tmp_path_factory.mktemp("notebook-inputs")
     world = folder / "synthetic"

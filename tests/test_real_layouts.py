@@ -9,17 +9,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_data import OPENI_XML, make_openi, mimic_report
 
 import data
-from util import eval_datasets
 import eval_zeroshot as ez
 import train
-from util.cli import parse_config
 from fixtures_eval import RSNA_IDS, make_chexpert, make_rsna, write_image, write_text
 from maco import MaCo, MaCoConfig
-from world.synthetic import label_report
-from test_data import OPENI_XML, make_openi, mimic_report
+from util import eval_datasets
+from util.cli import parse_config
 from util.tokenizer import train_tokenizer
+from world.synthetic import label_report
 
 # ----------------------------------------------------------------------------- NIH ChestX-ray14 (§2)
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import maco
-from util import released
 import train
-from util.cli import parse_config
 from eval_zeroshot import EvalConfig, run_evaluation
 from maco import MaCo, MaCoConfig
+from util import released
+from util.cli import parse_config
 from util.tokenizer import save_tokenizer, train_tokenizer
 
 BERT = "bert_encoder.model.bert."
@@ -325,7 +325,7 @@ def test_train_init_from_released_weights_loads_the_whole_model_with_a_fresh_sch
     assert torch.equal(checkpoint["model"]["image_encoder.pos_embed"], tiny["state"]["pos_embed"])
     assert torch.equal(checkpoint["model"]["decoder_pos_embed"], tiny["state"]["decoder_pos_embed"])
     # the schedule is fresh: its warm-up starts at lr 0, so step 0 leaves every tensor as the file has it
-    assert checkpoint["lr"] == train.lr_at(1, checkpoint["steps_per_epoch"], train.resolve(train.TrainConfig()))
+    assert checkpoint["lr"] == train.pretrain_lr(1, checkpoint["steps_per_epoch"], train.resolve(train.TrainConfig()))
     assert all(state["step"] == 1 for state in checkpoint["optimizer"]["state"].values())
     for key, ours in expected_names(tiny["cfg"]).items():
         assert torch.equal(checkpoint["model"][ours], tiny["state"][key]), key

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import train
-from util.cli import parse_config
 from maco import MaCo, MaCoConfig, load
+from util.cli import parse_config
 
 
 def run(argv):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from maco import PRESETS, MaCo, MaCoConfig
 from util.cli import check_options, option, run_script
 from util.devices import autocast, pick_device, uses_bf16
-from maco import PRESETS, MaCo, MaCoConfig
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
 
@@ -88,6 +88,7 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> dict:
 
 def bench_loader(cfg: BenchConfig) -> dict:
     from torch.utils.data import DataLoader
+
     from data import Collate, MimicCXR
     from util.tokenizer import train_tokenizer
     model_cfg = MaCoConfig.preset(cfg.preset)

@@ -32,14 +32,22 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from data import check_root
+from eval_zeroshot import (
+    READOUTS,
+    class_embeddings,
+    class_prompts,
+    embed_texts,
+    grounding_caption,
+    scale_to_unit_range,
+    similarity_map,
+    swapped_phrases,
+)
+from maco import load
 from util import eval_datasets
 from util.checkpoint import check_writable, write_atomic, write_json
 from util.cli import check_options, option, run_script
-from data import check_root
 from util.devices import pick_device
-from eval_zeroshot import (READOUTS, class_embeddings, class_prompts, embed_texts, grounding_caption, similarity_map,
-                           swapped_phrases)
-from maco import load
 from util.metrics import cnr, miou, pointing_game, roc_auc
 
 
@@ -78,9 +86,10 @@ def patch_box_fraction(mask: torch.Tensor, grid: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _encode_pairs(model, dataset, batch_size: int = 64):
-    """Per grounding pair: encoder tokens h (N, D), projected patch embeddings (N, E), box fraction per patch (N,)."""
+    """Per grounding pair: encoder tokens h (N, D), projected patch embeddings (N, E), box fraction per patch (N,).
+    MaCo.encode_image's projection, keeping the tokens before it too (the ridge probe reads them)."""
     device = next(model.parameters()).device
-    grid = model.cfg.img_size // model.cfg.patch_size
+    grid = model.cfg.grid_size
     tokens, patches, inside = [], [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     for batch in loader:
@@ -127,8 +136,8 @@ def _ridge_scores(train_x, train_y, test_x, ridge: float) -> np.ndarray:
     return b @ weights
 
 
-def patch_probe(tokens, inside_by_category: dict, ridge: float = 10.0) -> dict:
-    """Linear probe per category on frozen patch tokens (I, N, D) -> is this patch in a box of the category?
+def ridge_patch_probe(tokens, inside_by_category: dict, ridge: float = 10.0) -> dict:
+    """Ridge-regression probe per category on frozen patch tokens (I, N, D) -> is this patch in a box of the category?
     inside_by_category: {category: (I, N) box fractions on each test image, 0 where the image lacks it}.
     Fitted on even images, scored on odd ones, as a patch AUC over all patches ("all": where *and* whether) and
     over the patches of the images that have the finding only ("where": inside vs outside its box). Features:
@@ -198,15 +207,11 @@ def location_reference(pairs, size: int) -> dict:
     # a tiny ramp breaks the ties of a flat frequency map deterministically (the pointing game takes one argmax)
     ramp = torch.linspace(0, 1e-9, size * size, dtype=torch.float64).view(size, size)
 
-    def scaled(x):
-        low, high = x.min(), x.max()
-        return 2 * (x - low) / (high - low) - 1 if high > low else torch.zeros_like(x)
-
     result = {}
     for name, categories in (("true", [p.category for p in pairs]), ("swapped", swapped)):
         rows = [(cnr(heat, m), miou(heat, m), pointing_game(heat, m))
                 for m, c, h in zip(masks, categories, half) if m.any()
-                for heat in [scaled(frequency[c, 1 - h] + ramp)]]
+                for heat in [scale_to_unit_range((frequency[c, 1 - h] + ramp)[None], tolerance=0.0)[0]]]
         values = np.nanmean(np.array(rows, dtype=np.float64), 0)
         result[name] = dict(zip(("cnr", "miou", "pointing_game"), values.tolist()))
     return result
@@ -282,7 +287,7 @@ def diagnose(model, tokenizer, root, verbose: bool = True) -> dict:
     for index, pair in enumerate(pairs):
         inside_by_category[pair.category][row_of[str(pair.path)]] = torch.maximum(
             inside_by_category[pair.category][row_of[str(pair.path)]], inside[index])
-    result["probe"] = patch_probe(image_tokens, inside_by_category)
+    result["probe"] = ridge_patch_probe(image_tokens, inside_by_category)
     if verbose:
         print(format_diagnosis(result))
     return result
@@ -305,7 +310,7 @@ def format_diagnosis(result: dict) -> str:
     p = result["prior"]
     lines.append(f"3. prior softmax(w/0.02) covers exp(H) = {p['exp_entropy']:.2f} and 1/sum(a^2) = "
                  f"{p['inverse_simpson']:.2f} of {p['num_patches']} patches (max alpha {p['max_alpha']:.3f}, std w {p['w_std']:.4f})")
-    lines.append("4. linear probe on frozen patch tokens (+ one-hot position) against position alone: patch AUC on the odd")
+    lines.append("4. ridge probe on frozen patch tokens (+ one-hot position) against position alone: patch AUC on the odd")
     lines.append("   test images (fitted on the even ones), over all patches and within the images that have the finding")
     lines.append(f"   {'category':<20}{'all: position':>14}{'tokens':>8}{'where: position':>17}{'tokens':>8}{'patches':>9}")
     for name, m in result["probe"].items():

@@ -8,8 +8,9 @@ docs/method.md §9.
 Every loader returns plain items (an image path plus a label vector, or a phrase with its boxes); the two
 `Dataset` classes at the bottom turn them into model inputs with the shared `data.preprocess_image` (D8).
 Labels are float32 with 1 = positive, 0 = negative and NaN = uncertain, to be ignored by the metrics.
-No DICOM reader is a dependency of this project (pydicom is not allowed), so DICOM files must first be
-converted to PNG or JPEG with the same folder layout and file stem.
+The project reads no DICOM (its packages are torch, torchvision, tokenizers, numpy and Pillow, and Pillow cannot
+decode DICOM), so DICOM files must first be converted to PNG or JPEG with the same folder layout and file stem
+(docs/datasets.md says how).
 """
 import math
 import os

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from util.cli import check_options, option, run_script
 from data import MS_CXR_HEADER, split_sentences
+from util.cli import check_options, option, run_script
 from world.phantom import FINDINGS, render_image
 
 FINDING_TO_CHEXPERT = {"cardiomegaly": "Cardiomegaly", "pleural effusion": "Pleural Effusion",
