@@ -2,10 +2,11 @@
 
 docs/method.md §5 (report captions, D6), §7.2 (augmentation and normalisation, D8), §4 (padding);
 docs/datasets.md §1 (MIMIC-CXR-JPG layout, CSVs, report .txt, mimic_cxr_sectioned.csv) and §7 (Open-i XML).
-The synthetic world of synthetic.py is written in the MIMIC-CXR-JPG layout, so MimicCXR reads it too (D13).
+The synthetic world of world/synthetic.py is written in the MIMIC-CXR-JPG layout, so MimicCXR reads it too (D13).
 
-Image cache: `python data.py cache --data mimic --root data/synthetic --size 448` resizes every selected image
-once into <root>/cache-448 (images.npy: uint8 (N, S, S) memory map; ids.txt; status.npy; progress.json).
+Image cache: `python data.py cache` resizes every image of data/synthetic once into data/synthetic/cache-128, what
+the default run reads (`--root /data/mimic-cxr-jpg/2.0.0 --size 448` for the `base` preset): images.npy, a uint8
+(N, S, S) memory map; ids.txt; status.npy; progress.json.
 """
 import csv
 import dataclasses
@@ -538,8 +539,8 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
 class CacheConfig:
     data: str = option("mimic", "dataset layout", choices=("mimic", "openi"))
     root: str = option("data/synthetic", "dataset root folder")
-    size: int = option(448, "side S of the cached square images: the model's training input (base 448; tiny 128 "
-                            "with the super-resolution target)", minimum=8)
+    size: int = option(128, "side S of the cached square images: the model's training input (tiny 128, the default "
+                            "run's; base 448), both with the super-resolution target", minimum=8)
     out: str = option("", "cache folder; empty = <root>/cache-<size>, which train.py finds by itself")
     resize: str = option("letterbox", "letterbox (pad) or crop", choices=RESIZE_MODES)
     chunk_size: int = option(256, "images per flushed chunk", minimum=1)

@@ -9,12 +9,12 @@ head's spatial prior (released; `--readout cosine`: each patch's cosine with the
 upsampled and scaled to [-1, 1]; CNR, mIoU over 5 thresholds, pointing game. Every pair is also scored with
 another finding's phrase and with the empty phrase: maps that ground the words change with them (§9).
 Diagnostics of why a model grounds or does not (text separation, patch-phrase alignment, prior coverage,
-patch probe, embedding geometry, the words-alone reference) live in diagnostics.py.
+patch probe, embedding geometry, the words-alone reference) live in tools/diagnostics.py.
 
     python eval_zeroshot.py --ckpt runs/maco/checkpoint.pt              # synthetic test split (data/synthetic)
     python eval_zeroshot.py --ckpt ckpt.pt --data nih --root /data/NIH   # or rsna, siim, chexpert, ms-cxr
     python eval_zeroshot.py --ckpt maco.pth --tokenizer mimic_wordpiece.json --data nih --root /data/NIH  # released
-Evaluation-set loaders live in eval_datasets.py.
+Evaluation-set loaders live in util/eval_datasets.py.
 """
 import dataclasses
 import sys

@@ -2,7 +2,7 @@
 
 A post-LayerNorm BERT trained from scratch (384 wide, 6 layers, 6 heads in `base`); the report embedding is a
 pooler tanh(Linear(384 -> 768)) on token 0, the [CLS] position. There is no masked-language-model head: MaCo
-never predicts words. The tokenizer that makes `input_ids` is in tokenizer.py.
+never predicts words. The tokenizer that makes `input_ids` is in util/tokenizer.py.
 """
 
 import torch

@@ -139,7 +139,7 @@ def make_ms_cxr(csv_folder: Path, mimic_root: Path) -> dict:
 
 
 def make_synthetic_labels(root: Path) -> dict:
-    """synthetic-labels.csv as synthetic.py writes it (for header tests; the real world comes from conftest)."""
+    """synthetic-labels.csv as world/synthetic.py writes it (for header tests; the real world comes from conftest)."""
     write_text(root / "synthetic-labels.csv", "dicom_id,subject_id,study_id,split,path,edema\n"
                f"{DICOM_IDS[0]},19999991,59999991,test,files/p19/p19999991/s59999991/{DICOM_IDS[0]}.jpg,1\n")
     write_image(root / "files/p19/p19999991/s59999991" / f"{DICOM_IDS[0]}.jpg")

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = sorted([*ROOT.glob("*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("notebooks/*.ipynb"), ROOT / "README.md"])
+SOURCES = sorted([*ROOT.glob("*.py"), *(path for folder in ("util", "world", "tools", "tests") for path in ROOT.glob(f"{folder}/*.py")),
+                  *ROOT.glob("notebooks/*.ipynb"), *ROOT.glob("docs/*.md"), ROOT / "README.md"])
 DOC_PATH = re.compile(r"docs/[\w./-]*\w")
 SECTION_REFERENCE = re.compile(r"(docs/\w+\.md)`?\)?((?:,? ?(?:and )?§\d+(?:\.\d+)?(?:-§?\d+(?:\.\d+)?)?)+)")
 
@@ -18,7 +19,8 @@ def headings(doc: Path) -> set[str]:
 
 def test_the_sources_are_found():
     names = {path.name for path in SOURCES}
-    assert {"maco.py", "train.py", "README.md", "04_phrase_grounding.ipynb"} <= names
+    assert {"maco.py", "train.py", "README.md", "04_phrase_grounding.ipynb", "released.py", "ablate.py", "synthetic.py",
+            "default-run.md"} <= names
 
 
 def test_every_decision_number_is_defined_in_the_method_document():

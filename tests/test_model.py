@@ -1,9 +1,12 @@
 """Properties of the image encoder, text encoder, tokenizer and the assembled model (docs/method.md §2-§4, §6)."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from loss import clip_loss
@@ -305,3 +308,20 @@ def test_a_float64_model_runs_its_forward_and_backward_in_float64():
     assert out["loss"].dtype == torch.float64 and out["loss_con"].dtype == torch.float64
     out["loss"].backward()
     assert model.correlation_head.weight.grad.dtype == torch.float64
+
+
+def test_the_parameter_table_of_the_docs_is_the_models():
+    """docs/paper-run.md, "Model sizes": image encoder, decoder, text encoder, heads, total, for each preset."""
+    text = (Path(__file__).resolve().parents[1] / "docs/paper-run.md").read_text()
+    count = lambda *modules: sum(p.numel() for m in modules for p in (m.parameters() if isinstance(m, nn.Module) else [m]))
+    for preset in ("tiny", "base"):
+        with torch.device("meta"):  # shapes only: no memory for base
+            model = MaCo(MaCoConfig.preset(preset))
+        row = re.search(rf"^\| `{preset}` \| (.+) \|$", text, re.MULTILINE).group(1)
+        documented = [int(value.replace(",", "")) for value in row.split(" | ")]
+        measured = [count(model.image_encoder),
+                    count(model.decoder_embed, model.decoder_blocks, model.decoder_norm, model.decoder_pred,
+                          model.mask_token),
+                    count(model.text_encoder), count(model.image_proj, model.correlation_head, model.logit_scale),
+                    count(model)]
+        assert documented == measured, preset
