@@ -10,7 +10,9 @@ finding correlate with what is in the image: that is what a contrastive model ha
 Besides the official files (images, reports, metadata / split / chexpert CSVs) it writes
 `MS_CXR_Local_Alignment_v1.0.0.csv` (test split, one row per finding phrase and box, in pixels of the written image)
 and `synthetic-labels.csv` (the true 0/1 finding per name in FINDINGS, for zero-shot evaluation: nodule and mass share
-CheXpert's "Lung Lesion" column). As on a real frontal film, the patient's right is on the image left.
+CheXpert's "Lung Lesion" column). For detection (detect.py) it writes `synthetic-boxes.csv` (every finding's boxes in
+every split) and an RSNA-style `stage_2_train_labels.csv` for consolidation, the world's "pneumonia". As on a real
+frontal film, the patient's right is on the image left.
 """
 import csv
 import ctypes
@@ -362,8 +364,27 @@ def _generate_chunk(job) -> list[dict]:
                         "chexpert": [subject_id, study_id] + [labels[c] for c in CHEXPERT_COLUMNS],
                         "labels": [dicom_id, subject_id, study_id, split, study.image_path] +
                                   [int(name in present) for name in FINDINGS],
-                        "grounding": grounding if split == "test" else [], "devices": bool(study.devices)})
+                        "grounding": grounding if split == "test" else [], "devices": bool(study.devices),
+                        "boxes": [[dicom_id, split, study.findings[i].name, side, *box] for i, side, box in boxes]})
     return results
+
+
+def _write_detection_truth(folder: str, rows: list[dict], image_size: int) -> None:
+    """Detection truth for every study of every split (detect.py): synthetic-boxes.csv, one row per box of every
+    finding (x, y = top-left, in pixels of the written image), and an RSNA-style stage_2_train_labels.csv for
+    consolidation, the world's "pneumonia" (docs/datasets.md §3.3): patientId = dicom_id, one row per box with
+    Target 1, or one row with empty box fields and Target 0 for a study without a consolidation box."""
+    _write_csv(os.path.join(folder, "synthetic-boxes.csv"), ["dicom_id", "split", "finding", "side", "x", "y", "w",
+                                                             "h", "image_width", "image_height"],
+               [box + [image_size, image_size] for r in rows for box in r["boxes"]])
+    labels = []
+    for r in rows:
+        dicom_id = r["split"][0]
+        boxes = [[dicom_id, f"{x:.1f}", f"{y:.1f}", f"{w:.1f}", f"{h:.1f}", 1]
+                 for _, _, name, _, x, y, w, h in r["boxes"] if name == "consolidation"]
+        labels += boxes or [[dicom_id, "", "", "", "", 0]]
+    _write_csv(os.path.join(folder, "stage_2_train_labels.csv"), ["patientId", "x", "y", "width", "height", "Target"],
+               labels)
 
 
 def _write_csv(path: str, header: list, rows: list, compress: bool = False) -> None:
@@ -416,6 +437,7 @@ def generate(out_dir, studies: int, seed: int, image_size: int = 256, workers: i
                                                                      "path"] + FINDINGS, [r["labels"] for r in rows])
         _write_csv(os.path.join(temporary, "mimic-cxr-2.0.0-metadata.csv.gz"), METADATA_HEADER,
                    [r["metadata"] for r in rows], compress=True)
+        _write_detection_truth(temporary, rows, image_size)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)  # empty, or a synthetic world that --overwrite replaces
         os.replace(temporary, out_dir)
