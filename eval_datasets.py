@@ -199,6 +199,12 @@ def rle_decode(rle: str, height: int = 1024, width: int = 1024) -> np.ndarray:
     0-based start, each later gap counts background pixels since the previous run; pixels are column-major."""
     flat = np.zeros(height * width, dtype=bool)
     values = [int(v) for v in rle.split()]
+    if values != [-1] and (len(values) % 2 or min(values, default=0) < 0):
+        raise ValueError(f"run-length encoding {rle.strip()[:40]!r}: expected (gap, length) pairs of non-negative "
+                         f"numbers, or -1")
+    if values != [-1] and sum(values) > height * width:  # the last run ends at sum(values)
+        raise ValueError(f"run-length encoding {rle.strip()[:40]!r}... ends at pixel {sum(values)}, beyond the "
+                         f"{height}x{width} = {height * width} pixels of its image")
     if values != [-1]:
         position = 0
         for gap, length in zip(values[0::2], values[1::2]):

@@ -2,8 +2,10 @@
 
 Classification: ROC AUC in the Mann-Whitney form (ties count one half), its macro mean with a bootstrap 95%
 interval, F1 (positive class, and the released support-weighted variant) and accuracy at 0.5. Items whose label
-is NaN (uncertain) are left out. Grounding: Gaussian smoothing that matches scipy's `gaussian_filter`, the
-contrast-to-noise ratio, IoU over thresholds and the pointing game, on maps in [-1, 1] and 0/1 box masks.
+is NaN (uncertain) are left out. Segmentation: the per-image, pooled and positive-image Dice of segment.py, from
+per-image overlap counts, with bootstrap intervals. Grounding: Gaussian smoothing that matches scipy's
+`gaussian_filter`, the contrast-to-noise ratio, IoU over thresholds and the pointing game, on maps in [-1, 1] and
+0/1 box masks.
 """
 import numpy as np
 import torch
@@ -118,6 +120,52 @@ def classification_metrics(labels, scores, class_names: list[str], n_boot: int =
     return dict(n_images=len(labels), macro_auc=macro_auc(labels, scores),
                 macro_auc_ci95=list(bootstrap_macro_auc_ci(labels, scores, n_boot, seed)),
                 **{f"macro_{key}": value for key, value in macro.items()}, per_class=per_class)
+
+
+# ----------------------------------------------------------------------------- segmentation metrics
+
+def overlap_counts(predicted, truth) -> np.ndarray:
+    """Per image (intersection, predicted pixels, true pixels) of bool masks (N, H, W): (N, 3) int64. Every
+    segmentation Dice below is a function of these counts, so a bootstrap resamples rows, not masks."""
+    predicted, truth = to_numpy(predicted).astype(bool), to_numpy(truth).astype(bool)
+    axes = tuple(range(1, predicted.ndim))
+    return np.stack([(predicted & truth).sum(axes), predicted.sum(axes), truth.sum(axes)], axis=1).astype(np.int64)
+
+
+def per_image_dice(counts) -> np.ndarray:
+    """Dice 2|P ∩ T| / (|P| + |T|) of each image (N,); the released rule for an empty truth: 1 if the prediction
+    is empty too, else 0."""
+    inter, pred, true = np.asarray(counts, np.float64).T
+    total = pred + true
+    return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+
+
+def dice_scores(counts) -> dict:
+    """med_dice: the released per-image Dice averaged over all images; pooled_dice: one Dice of all pixels of all
+    images (what the released test.sh prints); positive_dice: the per-image Dice over images with a non-empty
+    truth (NaN if none)."""
+    counts = np.asarray(counts, np.int64).reshape(-1, 3)
+    dice = per_image_dice(counts)
+    inter, pred, true = counts.sum(axis=0)
+    positive = counts[:, 2] > 0
+    return dict(med_dice=float(dice.mean()) if len(dice) else float("nan"),
+                pooled_dice=float(2 * inter / (pred + true)) if pred + true else 1.0,
+                positive_dice=float(dice[positive].mean()) if positive.any() else float("nan"))
+
+
+def segmentation_metrics(counts, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """dice_scores of the (N, 3) counts, each with a percentile bootstrap interval (images resampled with
+    replacement, seeded), and the numbers of images and positive images."""
+    counts = np.asarray(counts, np.int64).reshape(-1, 3)
+    scores = dice_scores(counts)
+    rng = np.random.default_rng(seed)
+    resampled = [dice_scores(counts[rng.integers(0, len(counts), len(counts))]) for _ in range(n_boot)]
+    for name in list(scores):
+        values = np.array([r[name] for r in resampled])
+        values = values[~np.isnan(values)]
+        bounds = np.percentile(values, [50 * (1 - level), 50 * (1 + level)]) if len(values) else [np.nan] * 2
+        scores[f"{name}_ci95"] = [float(b) for b in bounds]
+    return dict(scores, n_images=len(counts), n_positive=int((counts[:, 2] > 0).sum()))
 
 
 # ----------------------------------------------------------------------------- grounding metrics

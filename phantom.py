@@ -126,10 +126,11 @@ def _device_strokes(devices):
     return [(xs, ys, width, 255) for device in devices for xs, ys, width in paths[device]]
 
 
-def render_image(study, size: int = 256):
+def render_image(study, size: int = 256, regions: list | None = None):
     """Render the study's frontal radiograph: (uint8 array (size, size), boxes), boxes a list of (finding index,
     "right" | "left" | "" (the box's side), (x, y, w, h) in pixels). Anatomy, noise and each finding draw from
-    their own random streams, so removing a finding leaves the rest of the image unchanged."""
+    their own random streams, so removing a finding leaves the rest of the image unchanged. `regions`, if given,
+    receives (finding index, side, bool mask (size, size)) of each lung finding: the pixels its box encloses."""
     rng = np.random.default_rng([study.seed, 0])
     canvas = _Canvas(size, rng)
     x, y = canvas.x, canvas.y
@@ -180,7 +181,10 @@ def render_image(study, size: int = 256):
                 air_weight *= 1 + 0.35 * opacity
                 vessel_weight *= 1 - opacity
                 lines += line * (lung > 0.3)
-            if box := _bbox((opacity > 0.2) & (lung > 0.3) & (hidden < 0.5)):
+            region = (opacity > 0.2) & (lung > 0.3) & (hidden < 0.5)
+            if regions is not None:
+                regions.append((index, "right" if side < 0 else "left", region))
+            if box := _bbox(region):
                 boxes.append((index, "right" if side < 0 else "left", box))
     air = (lungs[-1][0] + lungs[1][0]) * (1 - 0.95 * hidden) * air_weight * (1 + 0.07 * mottle)
     air *= 1 - 0.15 * _ramp(y - 0.2, 0.5)  # overlying soft tissue whitens the bases a little

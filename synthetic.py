@@ -10,9 +10,10 @@ finding correlate with what is in the image: that is what a contrastive model ha
 Besides the official files (images, reports, metadata / split / chexpert CSVs) it writes
 `MS_CXR_Local_Alignment_v1.0.0.csv` (test split, one row per finding phrase and box, in pixels of the written image)
 and `synthetic-labels.csv` (the true 0/1 finding per name in FINDINGS, for zero-shot evaluation: nodule and mass share
-CheXpert's "Lung Lesion" column). For detection (detect.py) it writes `synthetic-boxes.csv` (every finding's boxes in
-every split) and an RSNA-style `stage_2_train_labels.csv` for consolidation, the world's "pneumonia". As on a real
-frontal film, the patient's right is on the image left.
+CheXpert's "Lung Lesion" column) and `train-rle.csv` (every image's pneumothorax mask, all splits, in the Kaggle
+SIIM-ACR format of docs/datasets.md §4.3: ImageId = dicom_id, for segment.py). For detection (detect.py) it writes
+`synthetic-boxes.csv` (every finding's boxes in every split) and an RSNA-style `stage_2_train_labels.csv` for
+consolidation, the world's "pneumonia". As on a real frontal film, the patient's right is on the image left.
 """
 import csv
 import ctypes
@@ -32,6 +33,7 @@ from PIL import Image
 
 from cli import check_options, option, run_script
 from data import MS_CXR_HEADER, split_sentences
+from eval_datasets import rle_encode
 from phantom import FINDINGS, render_image
 
 FINDING_TO_CHEXPERT = {"cardiomegaly": "Cardiomegaly", "pleural effusion": "Pleural Effusion",
@@ -323,6 +325,15 @@ def _plan(studies: int, seed: int) -> list[tuple]:
     return plan
 
 
+def _pneumothorax_rles(study: Study, regions: list) -> list[str]:
+    """The Kaggle SIIM-ACR EncodedPixels of one image (docs/datasets.md §4.3): one run-length encoding per
+    pneumothorax region the phantom drew (render_image's `regions`), with the leading space of the real file;
+    [" -1"] for an image without one."""
+    rles = [" " + rle_encode(mask) for index, _, mask in regions
+            if study.findings[index].name == "pneumothorax" and mask.any()]
+    return rles or [" -1"]
+
+
 def _write(path: str, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -345,7 +356,7 @@ def _generate_chunk(job) -> list[dict]:
     results = []
     for index, subject_id, study_id, dicom_id, split, date, clock in chunk:
         study = sample_study(seed, index, subject_id, study_id, dicom_id, split)
-        pixels, boxes = render_image(study, image_size)
+        pixels, boxes = render_image(study, image_size, regions := [])
         report, phrases = write_report(study, np.random.default_rng([seed, 3, index]))
         os.makedirs(os.path.join(root, os.path.dirname(study.image_path)), exist_ok=True)
         jpeg = io.BytesIO()
@@ -365,6 +376,7 @@ def _generate_chunk(job) -> list[dict]:
                         "labels": [dicom_id, subject_id, study_id, split, study.image_path] +
                                   [int(name in present) for name in FINDINGS],
                         "grounding": grounding if split == "test" else [], "devices": bool(study.devices),
+                        "pneumothorax_rles": _pneumothorax_rles(study, regions),
                         "boxes": [[dicom_id, split, study.findings[i].name, side, *box] for i, side, box in boxes]})
     return results
 
@@ -435,6 +447,8 @@ def generate(out_dir, studies: int, seed: int, image_size: int = 256, workers: i
                    [box for r in rows for box in r["grounding"]])
         _write_csv(os.path.join(temporary, "synthetic-labels.csv"), ["dicom_id", "subject_id", "study_id", "split",
                                                                      "path"] + FINDINGS, [r["labels"] for r in rows])
+        _write_csv(os.path.join(temporary, "train-rle.csv"), ["ImageId", " EncodedPixels"],  # the Kaggle header
+                   [[r["split"][0], rle] for r in rows for rle in r["pneumothorax_rles"]])
         _write_csv(os.path.join(temporary, "mimic-cxr-2.0.0-metadata.csv.gz"), METADATA_HEADER,
                    [r["metadata"] for r in rows], compress=True)
         _write_detection_truth(temporary, rows, image_size)

@@ -1,0 +1,132 @@
+"""The pretrained ViT as a dense feature extractor; shared by segment.py and detect.py.
+
+A dense task needs maps, not one vector: the patch tokens of a few blocks, cls dropped, reshaped back onto the
+patch grid (as the released UPerNet segmentation and ViTDet detection read MaCo's encoder). Three pieces:
+
+  resize_pos_embed    the position table interpolated (bicubic) to the grid of a larger input (released: 224 -> 512)
+  ViTBackbone         images (B, C, H, W) -> [(B, D, H/p, W/p) after each requested block]
+  layer_decay_groups  AdamW parameter groups with layer-wise learning-rate decay (BEiT / MAE practice)
+
+vit.py keeps its position embeddings in a fixed, persistent buffer (2-D sine-cosine, or whatever table a checkpoint
+brought), so resizing replaces that buffer with the interpolated one: still a buffer, still saved with the weights.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vit import VisionTransformer
+
+RELEASED_BLOCKS = (3, 5, 7, 11)  # the released out_indices of ViT-B's 12 blocks (blocks 4, 6, 8 and 12)
+RELEASED_DEPTH = 12
+
+
+def block_indices_for(depth: int) -> tuple[int, ...]:
+    """The blocks at the same relative depths as the released (3, 5, 7, 11) of 12: (3, 5, 7, 11) for base,
+    (0, 1, 2, 3) for the tiny preset's 4 blocks. Block i (0-based) sits at depth (i + 1) / depth."""
+    indices = tuple(max(0, round((i + 1) * depth / RELEASED_DEPTH) - 1) for i in RELEASED_BLOCKS)
+    if len(set(indices)) < len(indices):
+        raise ValueError(f"an encoder of {depth} blocks is too shallow for four distinct feature levels "
+                         f"(got blocks {indices}); it needs at least 4 blocks")
+    return indices
+
+
+def pos_embed_grid(encoder: VisionTransformer) -> tuple[int, int]:
+    """(rows, cols) of the patch grid the encoder's position table is for: square unless resize_pos_embed made it
+    rectangular (it records the grid as encoder.pos_grid)."""
+    if hasattr(encoder, "pos_grid"):
+        return encoder.pos_grid
+    side = round((encoder.pos_embed.shape[1] - 1) ** 0.5)
+    return side, side
+
+
+def resize_pos_embed(encoder: VisionTransformer, grid: tuple[int, int]) -> None:
+    """Interpolate the encoder's patch position embeddings to a (rows, cols) grid, bicubically, in place; the cls
+    slot is kept as it is. The table stays a persistent buffer (as vit.py stores it), so the weights of a model
+    fine-tuned at the new size save and load with the new table."""
+    rows, cols = grid
+    old_rows, old_cols = pos_embed_grid(encoder)
+    if (rows, cols) == (old_rows, old_cols):
+        return
+    table = encoder.pos_embed  # (1, 1 + old_rows * old_cols, D)
+    width = table.shape[-1]
+    patches = table[:, 1:].reshape(1, old_rows, old_cols, width).permute(0, 3, 1, 2)  # (1, D, r, c)
+    patches = F.interpolate(patches.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, rows * cols, width)  # (1, rows * cols, D)
+    encoder.register_buffer("pos_embed", torch.cat([table[:, :1], patches.to(table.dtype)], dim=1))
+    encoder.pos_grid = (rows, cols)
+
+
+class ViTBackbone(nn.Module):
+    """forward(images (B, C, H, W), H and W multiples of the patch size p) -> one map (B, D, H/p, W/p) per
+    requested block, in the order of `block_indices`: the patch tokens after that block, without the final
+    LayerNorm and without the cls token, nothing masked. The position table must be for the (H/p, W/p) grid
+    (resize_pos_embed). Blocks after the last requested one are not run."""
+
+    def __init__(self, encoder: VisionTransformer, block_indices: tuple[int, ...]):
+        super().__init__()
+        depth = len(encoder.blocks)
+        if not block_indices or any(not 0 <= i < depth for i in block_indices):
+            raise ValueError(f"block indices {tuple(block_indices)}: expected indices 0..{depth - 1} of the "
+                             f"encoder's {depth} blocks")
+        self.encoder = encoder
+        self.block_indices = tuple(block_indices)
+        self.width = encoder.cls_token.shape[-1]
+        self.patch_size = encoder.patch_size
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        B, _, H, W = images.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        rows, cols = H // p, W // p
+        if (rows, cols) != pos_embed_grid(self.encoder):
+            raise ValueError(f"images of {H}x{W} give a {rows}x{cols} patch grid, but the position embeddings are for "
+                             f"{'x'.join(map(str, pos_embed_grid(self.encoder)))}: call "
+                             f"resize_pos_embed(encoder, ({rows}, {cols})) first")
+        encoder = self.encoder
+        x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]  # (B, L, D), L = rows * cols
+        cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + L, D)
+        maps = {}
+        for index, block in enumerate(encoder.blocks[:max(self.block_indices) + 1]):
+            x = block(x)
+            if index in self.block_indices:
+                maps[index] = x[:, 1:].transpose(1, 2).reshape(B, self.width, rows, cols)  # (B, D, rows, cols)
+        return [maps[index] for index in self.block_indices]
+
+
+def layer_decay_groups(encoder: VisionTransformer, others: nn.Module, weight_decay: float,
+                       layer_decay: float) -> list[dict]:
+    """AdamW parameter groups with layer-wise learning-rate decay; each group's `lr_scale` multiplies the lr.
+
+    Layer ids as released (BEiT's and MAE's): patch embedding, cls token and position table 0; block i, i + 1;
+    the encoder's final norm and everything in `others` (pyramid, heads) depth + 1. Scale = layer_decay **
+    (depth + 1 - layer id): 1 for the heads, layer_decay for the last block, layer_decay ** depth for the first,
+    layer_decay ** (depth + 1) for the patch embedding. (MAE writes num_layers = depth + 1 and scale = decay **
+    (num_layers - id); the released mmseg constructor, num_layers = 12 + 2 and decay ** (num_layers - id - 1): the
+    same numbers.) No weight decay on 1-D tensors (norms, biases) nor on the cls token and position table.
+    `others` may contain the encoder (the whole model): a parameter is placed once, by its encoder name.
+    """
+    depth = len(encoder.blocks)
+    named = [(f"encoder.{name}", param) for name, param in encoder.named_parameters()]
+    named += [(f"others.{name}", param) for name, param in others.named_parameters()]
+    groups, placed = {}, set()
+    for name, param in named:
+        if not param.requires_grad or id(param) in placed:
+            continue
+        placed.add(id(param))
+        if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
+            layer_id = 0
+        elif name.startswith("encoder.blocks."):
+            layer_id = int(name.split(".")[2]) + 1
+        else:
+            layer_id = depth + 1
+        no_decay = param.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed"))
+        key = (layer_id, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - layer_id), "layer_id": layer_id}
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return [groups[key] for key in sorted(groups)]

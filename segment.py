@@ -1,0 +1,639 @@
+"""Pneumothorax segmentation with the pretrained image encoder at 1%, 10% and 100% of the masks: the paper's
+segmentation table (SIIM-ACR), on SIIM as downloaded or on the synthetic world.
+
+    python segment.py            # synthetic world: runs/maco/checkpoint.pt against scratch, 1%, 10%, 100% of the masks
+    python segment.py --recipe siim-10 --root /data/siim --split-dir DatasetsSplits --ckpt maco.pth \\
+        --tokenizer mimic_wordpiece.json
+    python segment.py --recipe siim --root /data/siim --split-dir DatasetsSplits --init mae_pretrain_vit_base.pth
+
+The model, as the released mmsegmentation configs (docs/segmentation.md): the ViT's patch tokens after blocks 4, 6,
+8 and 12 (backbone.py; the same relative depths for shallower encoders), a simple feature pyramid (x4, x2, x1, x1/2),
+a UPerNet head to 2 classes and an auxiliary FCN head on the stride-p level. Loss: sigmoid focal x 2 + Dice x 1
+(auxiliary 0.8 + 0.4). AdamW with layer-wise lr decay 0.65, linear warm-up then a linear decay to 0. The validation
+split picks the best step (per-image Dice); the test split gets the per-image (medDice), pooled and positive-image
+Dice with bootstrap 95% intervals. Data: SIIM-ACR's train-rle.csv with images converted to PNG/JPEG anywhere under
+--root and the released split lists (whose overlap is removed from training, --keep-overlap keeps it); or the
+synthetic world, whose train-rle.csv holds the phantom's pneumothorax masks, subsampled to nested fractions.
+Results, weights and figures go under --out-dir; --figure PATH also draws the summary figure there (the README's
+copy: --figure docs/segmentation.png).
+"""
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import eval_datasets
+from backbone import ViTBackbone, block_indices_for, layer_decay_groups, resize_pos_embed
+from checkpoint import check_writable, save_checkpoint, write_atomic, write_json
+from cli import check_options, option, run_script
+from data import read_csv
+from devices import autocast, pick_device
+from finetune import EndlessPermutations, label_subset, load_pretrained, new_encoder, preset_name
+from maco import PRESETS, MaCo, MaCoConfig, load_mae_encoder
+from metrics import overlap_counts, segmentation_metrics
+
+# (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
+# released configs for SIIM (batch 8 = 4 GPUs x 2); the synthetic world's fit the default run into 10 CPU minutes.
+SCHEDULES = {"siim": {1: (5e-6, 1_000, 100, 50), 10: (2e-5, 5_000, 100, 50), 100: (1.5e-5, 160_000, 1_500, 500)},
+             "synthetic": {1: (1e-3, 40, 5, 10), 10: (1e-3, 60, 6, 20), 100: (1e-3, 80, 8, 20)}}
+SETTINGS = {
+    "siim": dict(root=None, ckpt=None, scratch=False, preset="base", img_size=512, batch_size=8, head_channels=768,
+                 aux_channels=256, workers=8),
+    # the tiny encoder's own 64-pixel input (8 x 8 patches; the pyramid's finest level is 32 x 32) and narrow heads:
+    # 128 pixels (the released 224 -> 512 doubling) costs 4x more per step than the 10-minute budget allows
+    "synthetic": dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, preset="tiny", img_size=64,
+                      batch_size=8, head_channels=64, aux_channels=32, workers=0),
+}
+RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
+                                 warmup_steps=warmup, eval_interval=interval)
+           for data, schedule in SCHEDULES.items() for pct, (lr, steps, warmup, interval) in schedule.items()}
+GROUPS = {data: [f"{data}-{pct}" for pct in schedule] for data, schedule in SCHEDULES.items()}
+MASKS_CSV = "train-rle.csv"
+
+
+@dataclass
+class SegmentConfig:
+    recipe: str = option("synthetic", "data set and schedule: siim-1, siim-10, siim-100, synthetic-1, ... or siim / "
+                         "synthetic for all three percentages", choices=tuple(GROUPS) + tuple(RECIPES))
+    root: str = option(None, "dataset folder holding train-rle.csv and the images (recipe: data/synthetic)")
+    split_dir: str = option("", "the released DatasetsSplits folder (or its SIIM-ACR_Pneumothorax folder); SIIM only")
+    keep_overlap: bool = option(False, "keep the test ids that the released train and validation lists also hold")
+    ckpt: str = option(None, "train.py checkpoint or the released maco.pth (with --tokenizer) for the encoder "
+                       "(recipe: synthetic runs/maco/checkpoint.pt)")
+    tokenizer: str = option("", "--ckpt maco.pth: the released mimic_wordpiece.json it was trained with")
+    init: str = option("", "MAE ImageNet checkpoint (mae_pretrain_vit_base.pth) for the encoder instead of --ckpt")
+    scratch: bool = option(None, "--scratch: random encoder only; --no-scratch: the checkpoint only "
+                           "(recipe: synthetic both, SIIM the checkpoint)")
+    preset: str = option(None, "model preset; a checkpoint must be of it (recipe: tiny synthetic, base SIIM)",
+                         choices=tuple(PRESETS))
+    label_fraction: float = option(None, "fraction of the training masks (recipe: 0.01, 0.1, 1: the released "
+                                   "train_1, train_10, train_list)", above=0, maximum=1)
+    img_size: int = option(None, "input side: images are resized keeping their aspect ratio and padded; a multiple "
+                           "of the patch size (recipe: 512 SIIM, 64 synthetic)", minimum=1)
+    lr: float = option(None, "peak learning rate (recipe)", above=0)
+    steps: int = option(None, "training iterations; 0 = evaluate the initial model (recipe)", minimum=0)
+    warmup_steps: int = option(None, "linear warm-up iterations (recipe)", minimum=0)
+    eval_interval: int = option(None, "iterations between validations (recipe)", minimum=1)
+    batch_size: int = option(None, "images per iteration (recipe: 8, as released)", minimum=1)
+    head_channels: int = option(None, "UPerNet head width (recipe: 768 as released, 64 synthetic)", minimum=1)
+    aux_channels: int = option(None, "auxiliary FCN head width (recipe: 256 as released, 32 synthetic)", minimum=1)
+    aux_head: bool = option(True, "train with the auxiliary FCN head (loss 0.8 focal + 0.4 Dice)")
+    drop_path: float = option(0.1, "stochastic depth of the last encoder block", minimum=0, below=1)
+    weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, cls token, positions)", minimum=0)
+    layer_decay: float = option(0.65, "layer-wise lr decay: block i gets lr x decay^(depth - i)", above=0, maximum=1)
+    overlays: int = option(4, "test images drawn with their predicted and true masks", minimum=0)
+    out_dir: str = option("runs/segment", "where metrics.json, weights and figures go")
+    figure: str = option("", "also draw the summary figure here (the README's copy: docs/segmentation.png)")
+    n_boot: int = option(1000, "bootstrap resamples for the 95% intervals", minimum=1)
+    seed: int = option(0, "seed of the mask subsets, the head initialisation and the data order", minimum=0)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    workers: int = option(None, "DataLoader worker processes (recipe: 8 SIIM, 0 synthetic)", minimum=0)
+
+    def __post_init__(self):
+        check_options(self)
+        if self.ckpt and self.init:
+            raise ValueError("pass --ckpt or --init, not both: they are two ways to initialise the encoder")
+        if self.scratch and (self.ckpt or self.init):
+            raise ValueError("--scratch initialises the encoder randomly; drop --ckpt/--init (or use --no-scratch)")
+        if self.label_fraction is not None and self.recipe in GROUPS:
+            raise ValueError(f"--label-fraction applies to one recipe (e.g. {GROUPS[self.recipe][1]}), not to "
+                             f"--recipe {self.recipe}")
+
+
+def resolve(cfg: SegmentConfig) -> list[SegmentConfig]:
+    """One complete configuration per recipe of cfg.recipe: the recipe's values for every setting left unset."""
+    runs = []
+    for name in GROUPS.get(cfg.recipe, [cfg.recipe]):
+        recipe = RECIPES[name]
+        filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
+        if cfg.init or cfg.scratch:
+            filled.pop("ckpt", None)
+        run = dataclasses.replace(cfg, recipe=name, **filled)
+        if not run.root:
+            raise ValueError(f"--recipe {name} needs --root, the SIIM-ACR folder (train-rle.csv and the images)")
+        if recipe["data"] == "siim" and not run.split_dir:
+            raise ValueError(f"--recipe {name} needs --split-dir, the released DatasetsSplits folder")
+        runs.append(run)
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: train-rle.csv with its images, the released split lists and their overlap, masks decoded once
+
+def remove_test_overlap(lists: dict[str, list[str]], keep: bool) -> tuple[dict[str, list[str]], list[str]]:
+    """lists: {file name: ImageIds} of the training, validation and test lists, in that order. Unless `keep`,
+    the test ids are removed from the other two; returns the lists and a line per overlap found."""
+    (train_name, train), (val_name, val), (test_name, test) = lists.items()
+    test_ids, notes = set(test), []
+    in_train, in_val = sum(i in test_ids for i in train), sum(i in test_ids for i in val)
+    val_in_train = len(set(val) & set(train))
+    if in_train or in_val:
+        if keep:
+            notes.append(f"warning: kept {in_train} test ids in {train_name} and {in_val} in {val_name} "
+                         f"(--keep-overlap): the test Dice of these images is optimistic")
+        else:
+            notes.append(f"removed {in_train} test ids from {train_name} and {in_val} from {val_name} (the released "
+                         f"lists overlap; --keep-overlap keeps them)")
+            train, val = [i for i in train if i not in test_ids], [i for i in val if i not in test_ids]
+    if val_in_train:
+        notes.append(f"note: {val_in_train} {val_name} ids are also in {train_name} (kept: they only make the "
+                     f"validation Dice that picks the best step optimistic)")
+    return {train_name: train, val_name: val, test_name: test}, notes
+
+
+def images_with_masks(root) -> dict[str, eval_datasets.LabelledImage]:
+    """ImageId -> item (image path, mask regions) for every row of <root>/train-rle.csv whose image is found."""
+    root = eval_datasets.check_root(root, "segmentation data")
+    return {Path(item.path).stem: item for item in eval_datasets.load_siim(root)}
+
+
+def pick(items: dict, ids: list[str], source: str) -> list:
+    found = [items[i] for i in ids if i in items]
+    if not found:
+        raise ValueError(f"{source}: none of its {len(ids)} ImageIds has both an image and a row in {MASKS_CSV}")
+    if len(found) < len(ids):
+        print(f"{source}: {len(ids) - len(found)} of {len(ids)} ImageIds have no image or no mask row; left out")
+    return found
+
+
+def load_data(run: SegmentConfig) -> dict:
+    """Training subset, validation and test items of one run, and the notes on the split lists' overlap."""
+    notes = []
+    if RECIPES[run.recipe]["data"] == "synthetic":
+        root = Path(run.root)
+        if (root / eval_datasets.SYNTHETIC_LABELS_CSV).is_file() and not (root / MASKS_CSV).is_file():
+            raise FileNotFoundError(f"{root} is a synthetic world without pneumothorax masks ({MASKS_CSV}; worlds "
+                                    f"written before segment.py lack it): regenerate it with `python synthetic.py "
+                                    f"--out {root} --overwrite` (and the --studies, --seed, --image-size it had)")
+        items = images_with_masks(root)
+        split_of = {row["dicom_id"]: row["split"] for row in read_csv(root / eval_datasets.SYNTHETIC_LABELS_CSV,
+                                                                      ["dicom_id", "split"])}
+        splits = {name: pick(items, [i for i, s in split_of.items() if s == name], f"{name} split of {root}")
+                  for name in ("train", "validate", "test")}
+        train, val, test = splits["train"], splits["validate"], splits["test"]
+        train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
+    else:
+        file = eval_datasets.TRAIN_FILES.get(run.label_fraction, "train_list")
+        paths = {name: eval_datasets.split_path(run.split_dir, "siim", name) for name in (file, "val_list", "test_list")}
+        lists = {path.name: [row[0] for row in eval_datasets.read_split_file(path, 0)] for path in paths.values()}
+        lists, notes = remove_test_overlap(lists, run.keep_overlap)
+        items = images_with_masks(run.root)
+        train, val, test = (pick(items, ids, name) for name, ids in lists.items())
+        if run.label_fraction not in eval_datasets.TRAIN_FILES:  # another fraction: nested within train_list
+            train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
+    for line in notes:
+        print(line)
+    return dict(train=train, val=val, test=test, notes=notes)
+
+
+def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """bool (H, W) -> bool (size, size) in the frame of data.resize_to_square(resize="letterbox"): the long side to
+    `size`, antialiased (PIL bilinear on the 0/255 mask, then >= 128: the pixel's majority), zero padding."""
+    height, width = mask.shape
+    _, left, top = eval_datasets.letterbox_geometry(width, height, size)
+    new_w, new_h = max(1, width * size // max(width, height)), max(1, height * size // max(width, height))
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    square = np.zeros((size, size), dtype=bool)
+    square[top:top + new_h, left:left + new_w] = np.asarray(resized) >= 128
+    return square
+
+
+def decode_masks(items, size: int, cache: dict) -> None:
+    """Fill cache[path] with the union of the image's regions, decoded at the image's own size and letterboxed to
+    size x size, bit-packed (None: no pneumothorax). Each mask is decoded once per input size."""
+    for item in items:
+        if (item.path, size) in cache:
+            continue
+        packed = None
+        if item.rle:
+            with Image.open(item.path) as image:
+                width, height = image.size
+            try:
+                mask = eval_datasets.siim_mask(item, height, width)
+            except ValueError as error:
+                raise ValueError(f"{Path(item.path).stem} in {MASKS_CSV}: {error}. The masks are in the frame of the "
+                                 f"original image (1024 x 1024 for SIIM-ACR): convert the DICOM files without "
+                                 f"resizing them") from None
+            packed = np.packbits(letterbox_mask(mask, size))
+        cache[(item.path, size)] = packed
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """(image (in_chans, S, S) normalised, mask (S, S) int64 0/1) letterboxed to S; flip: a horizontal flip of
+    both with probability 1/2 (the released training augmentation)."""
+
+    def __init__(self, items, size: int, in_chans: int, masks: dict, flip: bool = False):
+        self.items, self.size, self.in_chans, self.masks, self.flip = items, size, in_chans, masks, flip
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        item = self.items[index]
+        image = eval_datasets.load_image(item.path, self.size, self.in_chans, "letterbox")
+        packed = self.masks[(item.path, self.size)]
+        mask = torch.zeros(self.size, self.size, dtype=torch.int64) if packed is None else torch.from_numpy(
+            np.unpackbits(packed, count=self.size * self.size).reshape(self.size, self.size).astype(np.int64))
+        if self.flip and torch.rand(()) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        return image, mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: ViT maps -> simple feature pyramid -> UPerNet head (+ auxiliary FCN head), as released
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    """mmseg's ConvModule with BatchNorm (released: SyncBN): conv without bias, norm, ReLU; `same` padding."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """Four same-width maps (B, D, h, w) -> strides p/4, p/2, p, 2p (released Feature2Pyramid, rescales 4, 2, 1,
+    0.5): x4 transposed conv, BatchNorm, GELU, transposed conv; x2 transposed conv; x1 identity; x1/2 max-pool."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(width, width, 2, stride=2), nn.BatchNorm2d(width), nn.GELU(),
+                                 nn.ConvTranspose2d(width, width, 2, stride=2))
+        self.up2 = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.down2 = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]  # (B, D, 4h, 4w) ... (h/2, w/2)
+
+
+class UPerHead(nn.Module):
+    """Pyramid (4 maps of width D, finest first) -> logits (B, classes) at the finest stride (Xiao et al. 2018, the
+    released mmseg UPerHead): pyramid pooling (1, 2, 3, 6) on the coarsest map, top-down FPN fusion, a 3x3 conv per
+    level, all levels upsampled and fused by a 3x3 conv, dropout 0.1, a 1x1 classifier."""
+
+    def __init__(self, width: int, channels: int, num_classes: int = 2, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.pools = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(scale), conv_bn_relu(width, channels, 1))
+                                    for scale in pool_scales])
+        self.pool_bottleneck = conv_bn_relu(width + len(pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList([conv_bn_relu(width, channels, 1) for _ in range(3)])
+        self.fpn_convs = nn.ModuleList([conv_bn_relu(channels, channels, 3) for _ in range(3)])
+        self.fpn_bottleneck = conv_bn_relu(4 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, pyramid: list[torch.Tensor]) -> torch.Tensor:
+        coarsest = pyramid[3]  # (B, D, h/2, w/2)
+        pooled = [F.interpolate(pool(coarsest), size=coarsest.shape[2:], mode="bilinear", align_corners=False)
+                  for pool in self.pools]  # each (B, C, h/2, w/2)
+        levels = [lateral(x) for lateral, x in zip(self.laterals, pyramid[:3])]  # (B, C, 4h, 4w), (2h, 2w), (h, w)
+        levels.append(self.pool_bottleneck(torch.cat([coarsest] + pooled, dim=1)))  # (B, C, h/2, w/2)
+        for i in range(3, 0, -1):  # top-down: each level adds the upsampled coarser one
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[2:], mode="bilinear",
+                                                          align_corners=False)
+        outputs = [conv(level) for conv, level in zip(self.fpn_convs, levels[:3])] + [levels[3]]
+        finest = outputs[0].shape[2:]
+        fused = torch.cat([outputs[0]] + [F.interpolate(x, size=finest, mode="bilinear", align_corners=False)
+                                          for x in outputs[1:]], dim=1)  # (B, 4C, 4h, 4w)
+        return self.classifier(self.dropout(self.fpn_bottleneck(fused)))  # (B, classes, 4h, 4w)
+
+
+class FCNHead(nn.Module):
+    """The auxiliary head on the stride-p map: 3x3 conv, dropout 0.1, 1x1 classifier (released FCNHead, one conv)."""
+
+    def __init__(self, width: int, channels: int, num_classes: int = 2):
+        super().__init__()
+        self.conv = conv_bn_relu(width, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.dropout(self.conv(x)))  # (B, classes, h, w)
+
+
+class Segmenter(nn.Module):
+    """images (B, C, S, S) -> (logits (B, 2, S, S), auxiliary logits (B, 2, S, S) or None), bilinearly upsampled
+    from strides p/4 and p to the input, where the loss and the metrics are computed (as mmseg does)."""
+
+    def __init__(self, encoder, head_channels: int, aux_channels: int, aux_head: bool = True, num_classes: int = 2):
+        super().__init__()
+        self.backbone = ViTBackbone(encoder, block_indices_for(len(encoder.blocks)))
+        width = self.backbone.width
+        self.pyramid = SimpleFeaturePyramid(width)
+        self.decode_head = UPerHead(width, head_channels, num_classes)
+        self.aux_head = FCNHead(width, aux_channels, num_classes) if aux_head else None
+
+    def forward(self, images):
+        size = images.shape[2:]
+        pyramid = self.pyramid(self.backbone(images))  # strides p/4, p/2, p, 2p
+        logits = F.interpolate(self.decode_head(pyramid), size=size, mode="bilinear", align_corners=False)
+        if self.aux_head is None or not self.training:
+            return logits, None
+        return logits, F.interpolate(self.aux_head(pyramid[2]), size=size, mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss, as released: sigmoid focal x 2.0 + Dice x 1.0 on the foreground (auxiliary head: x 0.8 and x 0.4)
+
+def sigmoid_focal_loss(logits, target, gamma: float = 2.0, alpha: float = 0.5) -> torch.Tensor:
+    """logits (B, K, H, W), target (B, H, W) class indices. Each class channel is a sigmoid against the one-hot
+    target; the binary cross-entropy of each element is weighted by alpha (positives) or 1 - alpha (negatives)
+    times (1 - p_t)^gamma, which mutes the many easy background pixels; mean over all B*K*H*W elements."""
+    logits = logits.float()
+    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()  # (B, K, H, W)
+    p = torch.sigmoid(logits)
+    p_t = p * one_hot + (1 - p) * (1 - one_hot)
+    weight = (alpha * one_hot + (1 - alpha) * (1 - one_hot)) * (1 - p_t) ** gamma
+    return (F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none") * weight).mean()
+
+
+def dice_loss(logits, target, smooth: float = 1.0, exponent: int = 2) -> torch.Tensor:
+    """The released mmseg DiceLoss with class_weight [0, 1]: softmax probabilities p of the foreground, per image
+    1 - (2 sum(p t) + smooth) / (sum(p^2) + sum(t^2) + smooth), the mean over images, divided by the class count
+    (the background term is weighted 0 but still counted). An image without pneumothorax scores
+    1 - 1 / (sum(p^2) + 1): every foreground probability is pushed towards 0."""
+    probabilities = torch.softmax(logits.float(), dim=1)[:, 1].flatten(1)  # (B, H*W)
+    truth = (target == 1).float().flatten(1)  # (B, H*W)
+    numerator = 2 * (probabilities * truth).sum(1) + smooth
+    denominator = (probabilities ** exponent).sum(1) + (truth ** exponent).sum(1) + smooth
+    return (1 - numerator / denominator).mean() / logits.shape[1]
+
+
+def segmentation_loss(logits, target, focal_weight: float = 2.0, dice_weight: float = 1.0) -> torch.Tensor:
+    return focal_weight * sigmoid_focal_loss(logits, target) + dice_weight * dice_loss(logits, target)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoders, the schedule, one training loop with validation-based selection
+
+def initialisations(run: SegmentConfig) -> list[dict]:
+    """[{name, label, encoder, cfg}] in table order: the --ckpt (or --init) encoder unless --scratch, then a random
+    encoder of the same shape unless --no-scratch (run.scratch None: both)."""
+    inits = []
+    if not run.scratch:
+        if run.init:
+            cfg = MaCoConfig.preset(run.preset)
+            model = MaCo(cfg)
+            print(load_mae_encoder(model, run.init))
+            inits.append(dict(name="mae", label=f"MAE {run.preset}", encoder=model.image_encoder, cfg=cfg))
+        elif not run.ckpt:
+            raise ValueError(f"--recipe {run.recipe}: pass --ckpt, --init or --scratch")
+        elif not Path(run.ckpt).is_file():
+            hint = "run `python train.py` first (it trains the tiny MaCo), " if run.ckpt == SETTINGS["synthetic"][
+                "ckpt"] else ""
+            raise FileNotFoundError(f"no checkpoint at {run.ckpt}: {hint}or pass --ckpt PATH, --init PATH or --scratch")
+        else:
+            encoder, cfg = load_pretrained(run.ckpt, run.tokenizer)
+            if preset_name(cfg) != run.preset:
+                raise ValueError(f"--ckpt {run.ckpt} is a {preset_name(cfg)} model, but --recipe {run.recipe} uses the "
+                                 f"{run.preset} preset: pass a {run.preset} checkpoint, or --preset "
+                                 f"{preset_name(cfg)} with an --img-size and head widths to suit it")
+            inits.append(dict(name="maco", label=f"MaCo {run.preset}", encoder=encoder, cfg=cfg))
+    if run.scratch is not False:
+        cfg = inits[0]["cfg"] if inits else MaCoConfig.preset(run.preset)
+        torch.manual_seed(run.seed)
+        inits.append(dict(name="scratch", label=f"scratch {preset_name(cfg)}", encoder=new_encoder(cfg), cfg=cfg))
+    patch = inits[0]["cfg"].patch_size
+    if run.img_size % patch:
+        raise ValueError(f"--img-size {run.img_size} is not a multiple of the encoder's patch size {patch}")
+    return inits
+
+
+def lr_at(iteration: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate at 0-based `iteration` (mmcv's poly policy, power 1, min 0, linear warm-up ratio 1e-6):
+    peak (1 - i / total), scaled by 1 - (1 - i / warmup)(1 - 1e-6) during the warm-up."""
+    lr = peak * (1 - iteration / total_steps)
+    if iteration < warmup_steps:
+        lr *= 1 - (1 - iteration / warmup_steps) * (1 - 1e-6)
+    return lr
+
+
+def build_segmenter(init: dict, run: SegmentConfig, device) -> Segmenter:
+    """A fresh copy of the encoder, its position table interpolated to the input grid, with new pyramid and heads."""
+    torch.manual_seed(run.seed)
+    encoder = copy.deepcopy(init["encoder"])
+    encoder.set_drop_path(run.drop_path)
+    grid = run.img_size // encoder.patch_size
+    resize_pos_embed(encoder, (grid, grid))
+    return Segmenter(encoder, run.head_channels, run.aux_channels, run.aux_head).to(device)
+
+
+@torch.no_grad()
+def predict(model: Segmenter, loader, device, keep: int = 0) -> tuple[np.ndarray, list]:
+    """(overlap counts (N, 3) of the argmax masks, [(image (S, S), truth, prediction)] of the first `keep` images
+    with a pneumothorax) over the batches of `loader`."""
+    was_training = model.training
+    model.eval()
+    counts, kept = [], []
+    for images, masks in loader:
+        with autocast(device):
+            logits, _ = model(images.to(device, non_blocking=True))
+        predicted = logits.float().argmax(1).cpu()  # (B, S, S)
+        counts.append(overlap_counts(predicted == 1, masks == 1))
+        for image, truth, prediction in zip(images, masks, predicted):
+            if len(kept) < keep and truth.any():
+                kept.append((image[0].numpy(), truth.numpy().astype(bool), prediction.numpy().astype(bool)))
+    model.train(was_training)
+    return np.concatenate(counts), kept
+
+
+def loader(dataset, run: SegmentConfig, device, sampler=None):
+    return torch.utils.data.DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, num_workers=run.workers,
+                                       pin_memory=device.type == "cuda")
+
+
+def fit(model: Segmenter, batches, run: SegmentConfig, validate, device, desc: str = "") -> dict:
+    """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (per-image
+    Dice) at step 0, every run.eval_interval steps and at the end; the best weights are loaded back at the end.
+    Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}."""
+    groups = layer_decay_groups(model.backbone.encoder, model, run.weight_decay, run.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=(0.9, 0.999))
+    best = dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
+    validations, losses = {0: best["best_val_dice"]}, []
+    model.train()
+    for step in range(1, run.steps + 1):
+        lr = lr_at(step - 1, run.lr, run.warmup_steps, run.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        images, masks = next(batches)
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        with autocast(device):
+            logits, aux_logits = model(images)
+        loss = segmentation_loss(logits, masks)
+        if aux_logits is not None:
+            loss = loss + segmentation_loss(aux_logits, masks, focal_weight=0.8, dice_weight=0.4)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        if step % run.eval_interval == 0 or step == run.steps:
+            validations[step] = dice = validate()
+            if dice > best["best_val_dice"]:
+                best.update(best_step=step, best_val_dice=dice, state=copy.deepcopy(model.state_dict()))
+            print(f"  {desc} step {step}: loss {loss.item():.4f}, validation medDice {dice:.3f}", flush=True)
+    model.load_state_dict(best.pop("state"))
+    return dict(best, losses=[loss.item() for loss in losses], validations=validations)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One recipe and initialisation, the whole experiment
+
+def run_dir(run: SegmentConfig, init: dict) -> Path:
+    return Path(run.out_dir) / run.recipe / init["name"]
+
+
+def train_and_test(init: dict, data: dict, run: SegmentConfig, masks: dict, device) -> tuple[dict, list]:
+    """Fine-tune on the training subset, pick the best validation step, test it; returns (result, overlays)."""
+    began = time.time()
+    model = build_segmenter(init, run, device)
+    in_chans = init["cfg"].in_chans
+    train_set = SegmentationDataset(data["train"], run.img_size, in_chans, masks, flip=True)
+    batches = iter(loader(train_set, run, device, EndlessPermutations(len(train_set), run.seed)))
+    val = loader(SegmentationDataset(data["val"], run.img_size, in_chans, masks), run, device)
+    history = fit(model, batches, run, lambda: segmentation_metrics(predict(model, val, device)[0], 1)["med_dice"],
+                  device, f"{run.recipe} {init['name']}")
+    save_checkpoint(run_dir(run, init) / "best.pt", {
+        "segmenter": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
+        "segment_config": dataclasses.asdict(run), "init": init["label"], "step": history["best_step"]})
+    test = loader(SegmentationDataset(data["test"], run.img_size, in_chans, masks), run, device)
+    counts, overlays = predict(model, test, device, keep=run.overlays)
+    losses = history["losses"]
+    result = dict(recipe=run.recipe, data=RECIPES[run.recipe]["data"], label_fraction=run.label_fraction,
+                  init=init["name"], init_label=init["label"], train_images=len(data["train"]),
+                  train_positives=sum(bool(item.rle) for item in data["train"]), val_images=len(data["val"]),
+                  best_step=history["best_step"], val_med_dice=history["best_val_dice"],
+                  validations=history["validations"], first_loss=losses[0] if losses else None,
+                  last_loss=float(np.mean(losses[-5:])) if losses else None, split_notes=data["notes"],
+                  seconds=round(time.time() - began, 1), weights=str(run_dir(run, init) / "best.pt"),
+                  test=segmentation_metrics(counts, run.n_boot, run.seed))
+    if overlays:
+        plot_overlays(overlays, f"{run.recipe}, {init['label']}", run_dir(run, init) / "overlays.png")
+    return result, overlays
+
+
+def run_experiment(cfg: SegmentConfig) -> dict:
+    """Every recipe of cfg.recipe x initialisation; writes metrics.json and the figures; returns the summary."""
+    start = time.time()
+    runs = resolve(cfg)
+    device = pick_device(cfg.device)
+    out_dir = check_writable(cfg.out_dir, "--out-dir")
+    if cfg.figure:
+        check_writable(Path(cfg.figure).parent, "--figure")
+    inits = initialisations(runs[0])
+    masks, results, examples = {}, [], {}
+    for run in runs:
+        data = load_data(run)
+        for split in ("train", "val", "test"):
+            decode_masks(data[split], run.img_size, masks)
+        for init in inits:
+            result, overlays = train_and_test(init, data, run, masks, device)
+            test = result["test"]
+            print(f"{run.recipe:<16}{init['label']:<14} test medDice {test['med_dice']:.3f} "
+                  f"[{test['med_dice_ci95'][0]:.3f}, {test['med_dice_ci95'][1]:.3f}], pooled Dice "
+                  f"{test['pooled_dice']:.3f}  (best step {result['best_step']}, {result['seconds']:.0f} s)", flush=True)
+            results.append(result)
+            examples[init["label"]] = overlays  # the largest fraction's, drawn in the summary figure
+            summary = dict(recipe=cfg.recipe, config=dataclasses.asdict(cfg), runs=results,
+                           wall_seconds=round(time.time() - start, 1), device=str(device))
+            write_json(summary, out_dir / "metrics.json")  # after every run: a kill loses little
+    for path in [out_dir / "segmentation.png"] + ([Path(cfg.figure)] if cfg.figure else []):
+        plot_summary(results, examples, path)
+    summary["figures"] = [str(out_dir / "segmentation.png")] + ([cfg.figure] if cfg.figure else [])
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs: the table shaped like the paper's segmentation table, Dice against label fraction, overlays
+
+METRIC_NAMES = {"med_dice": "per-image Dice (medDice)", "pooled_dice": "pooled Dice", "positive_dice":
+                "Dice, positive images"}
+
+
+def format_table(results: list[dict]) -> str:
+    """Test Dice (%) with bootstrap 95% intervals: a block per metric, a row per initialisation, a column per label
+    fraction."""
+    columns = sorted({(r["data"], r["label_fraction"]) for r in results})
+    labels = list(dict.fromkeys(r["init_label"] for r in results))
+    width = max(map(len, labels + list(METRIC_NAMES.values()))) + 2
+    blocks = []
+    for metric, title in METRIC_NAMES.items():
+        rows = [f"{title + ' (%)':<{width}}" + "".join(f"{f'{data} {100 * f:g}%':>22}" for data, f in columns)]
+        for label in labels:
+            cells = {(r["data"], r["label_fraction"]): r["test"] for r in results if r["init_label"] == label}
+            rows.append(f"{label:<{width}}" + "".join(
+                f"{100 * cells[c][metric]:.1f} [{100 * cells[c][metric + '_ci95'][0]:.1f}, "
+                f"{100 * cells[c][metric + '_ci95'][1]:.1f}]".rjust(22) if c in cells else f"{'-':>22}"
+                for c in columns))
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks)
+
+
+def draw_overlay(axis, image, truth, prediction) -> None:
+    """The grey image with the true mask's outline in green and the predicted mask in translucent red."""
+    axis.imshow(image, cmap="gray")
+    red = np.zeros(prediction.shape + (4,))
+    red[prediction] = (1.0, 0.1, 0.1, 0.45)
+    axis.imshow(red)
+    axis.contour(truth.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+    axis.set_axis_off()
+
+
+def plot_overlays(overlays: list, title: str, path) -> None:
+    """A row of test images with their true (green outline) and predicted (red) masks. A bare Figure, not pyplot."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(2.4 * len(overlays), 2.8))
+    for axis, (image, truth, prediction) in zip(np.atleast_1d(figure.subplots(1, len(overlays))), overlays):
+        draw_overlay(axis, image, truth, prediction)
+    figure.suptitle(f"{title}: truth (green outline), prediction (red)", fontsize=9)
+    figure.tight_layout()
+    write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
+
+
+def plot_summary(results: list[dict], examples: dict, path) -> None:
+    """Left: test per-image Dice against the fraction of training masks (bars: 95% intervals), one line per
+    initialisation; right: test overlays of each initialisation at the largest fraction, one row each."""
+    from matplotlib.figure import Figure
+    columns = max((len(v) for v in examples.values()), default=0)
+    figure = Figure(figsize=(4.5 + 1.9 * columns, max(3.6, 1.9 * len(examples))))
+    grid = figure.add_gridspec(max(1, len(examples)), 1 + columns, width_ratios=[2.4] + [1] * columns)
+    axis = figure.add_subplot(grid[:, 0])
+    for k, label in enumerate(dict.fromkeys(r["init_label"] for r in results)):
+        points = sorted((r["label_fraction"], r["test"]) for r in results if r["init_label"] == label)
+        fraction = np.array([100 * f for f, _ in points]) * (1 + 0.04 * k)  # spread the bars of a fraction apart
+        dice = np.array([t["med_dice"] for _, t in points])
+        low, high = np.array([t["med_dice_ci95"] for _, t in points]).T
+        axis.errorbar(fraction, dice, yerr=[dice - low, high - dice], marker="o", capsize=3, label=label)
+    fractions = sorted({r["label_fraction"] for r in results})
+    axis.set_xscale("log")
+    axis.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+    axis.set(xlabel="training masks used", ylabel="test per-image Dice (medDice)",
+             title=f"Pneumothorax segmentation: {', '.join(sorted({r['data'] for r in results}))}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    for row, (label, overlays) in enumerate(examples.items()):
+        for column, (image, truth, prediction) in enumerate(overlays):
+            draw_overlay(figure.add_subplot(grid[row, 1 + column]), image, truth, prediction)
+        if overlays:
+            figure.axes[-len(overlays)].set_title(f"{label}: truth (green), prediction (red)", fontsize=8, loc="left")
+    figure.tight_layout()
+    write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=110))
+
+
+def main(argv=None) -> int:
+    def body(cfg: SegmentConfig) -> None:
+        summary = run_experiment(cfg)
+        print("\n" + format_table(summary["runs"]))
+        print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and "
+              f"overlays under {cfg.out_dir}, and {', '.join(summary['figures'])}")
+    return run_script(SegmentConfig, body, argv, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
