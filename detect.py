@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import hashlib
 import math
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -72,7 +71,6 @@ RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct /
            for data, schedule in SCHEDULES.items() for pct, (lr, steps, warmup, interval) in schedule.items()}
 GROUPS = {data: [f"{data}-{pct}" for pct in schedule] for data, schedule in SCHEDULES.items()}
 LABELS_CSV = "stage_2_train_labels.csv"
-LABELS_COLUMNS = ["patientId", "x", "y", "width", "height", "Target"]
 RELEASED_INPUT = 1024  # the released input side: anchor sizes and the RoI level rule scale with img_size / 1024
 ANCHOR_SIZES = (32, 64, 128, 256, 512)  # one per pyramid level, at the released input side
 LEVELS = ("up4", "up2", "same", "down2")  # the pyramid's levels by their scale of the patch grid; then "pool"
@@ -117,6 +115,8 @@ class DetectConfig:
     drop_path: float = option(0.1, "stochastic depth of the last encoder block", minimum=0, below=1)
     weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, cls token, positions)", minimum=0)
     layer_decay: float = option(0.7, "layer-wise lr decay: block i gets lr x decay^(depth - i)", above=0, maximum=1)
+    train_negatives: bool = option(False, "also train on the images without pneumonia (released: positives only, "
+                                   "docs/detection.md)")
     examples: int = option(4, "test images drawn with their true and predicted boxes", minimum=0)
     out_dir: str = option("runs/detect", "where metrics.json, weights and the figure go")
     figure: str = option("", "also draw the figure here (the README's copy: docs/detection.png)")
@@ -158,84 +158,11 @@ def resolve(cfg: DetectConfig) -> list[DetectConfig]:
 # ----------------------------------------------------------------------------------------------------------
 # Data: stage_2_train_labels.csv, images found by patientId, the split, letterboxed images and boxes
 
-@dataclass
-class BoxedImage:
-    patient_id: str
-    path: str
-    boxes: np.ndarray  # (K, 4) float32 (x, y, width, height), x, y = top-left, in pixels of the image file; K may be 0
-    width: int
-    height: int
-
-
-def read_box_labels(path) -> dict[str, np.ndarray]:
-    """patientId -> its boxes (K, 4) (x, y, width, height) from an RSNA stage_2_train_labels.csv: one row per box
-    (Target 1), or one row with empty box fields (Target 0, K = 0). A malformed row is an error naming it."""
-    boxes = {}
-    for number, row in enumerate(read_csv(path, LABELS_COLUMNS, ",".join(LABELS_COLUMNS)), start=2):
-        patient_id, target = row["patientId"].strip(), row["Target"].strip()
-        boxes.setdefault(patient_id, [])
-        if target in ("0", "0.0"):
-            continue
-        try:
-            if target not in ("1", "1.0"):
-                raise ValueError
-            x, y, width, height = (float(row[key]) for key in ("x", "y", "width", "height"))
-        except ValueError:
-            raise ValueError(f"{path}, row {number}: expected Target 0 (no box) or 1 with numbers x, y, width, "
-                             f"height; got {','.join(row[k] for k in LABELS_COLUMNS)!r}") from None
-        if not width > 0 or not height > 0:
-            raise ValueError(f"{path}, row {number}: the box of {patient_id} has width {width} and height {height}; "
-                             f"both must be positive")
-        boxes[patient_id].append((x, y, width, height))
-    return {key: np.array(value, np.float32).reshape(-1, 4) for key, value in boxes.items()}
-
-
 def hash_split(patient_id: str) -> str:
     """Our split of RSNA (its detection split was never released): u = the first 8 hex digits of
     SHA-256(patientId) / 16^8, in [0, 1); train if u < 0.7, validate if u < 0.8, else test."""
     u = int(hashlib.sha256(patient_id.encode()).hexdigest()[:8], 16) / 16 ** 8
     return "train" if u < 0.7 else "validate" if u < 0.8 else "test"
-
-
-def index_images(root: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(stem -> path of every PNG/JPEG under root, stem -> path of every DICOM file), from one walk in sorted order
-    (of two images with one stem, the first path wins)."""
-    images, dicoms = {}, {}
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        subfolders.sort()
-        for name in sorted(names):
-            stem, suffix = os.path.splitext(name)
-            found = images if suffix.lower() in eval_datasets.IMAGE_SUFFIXES else dicoms if suffix.lower() == ".dcm" \
-                else {}
-            found.setdefault(stem, os.path.join(folder, name))
-    return images, dicoms
-
-
-def boxed_images(ids: list[str], boxes: dict, images: dict, dicoms: dict, source: str) -> list[BoxedImage]:
-    """The items of `ids` whose image is found. Left out and counted: an image still DICOM, a missing image, a box
-    not inside its image (the boxes are in pixels of the image file: convert the DICOM files without resizing)."""
-    items, still_dicom, missing, outside = [], [], 0, []
-    for patient_id in ids:
-        if patient_id not in images:
-            still_dicom += [dicoms[patient_id]] if patient_id in dicoms else []
-            missing += patient_id not in dicoms
-            continue
-        with Image.open(images[patient_id]) as image:
-            width, height = image.size
-        own = boxes[patient_id]
-        inside = ((own[:, 0] >= 0) & (own[:, 1] >= 0) & (own[:, 0] + own[:, 2] <= width)
-                  & (own[:, 1] + own[:, 3] <= height))
-        outside += [f"{patient_id} {tuple(map(float, box))} in a {width}x{height} image" for box in own[~inside]]
-        items.append(BoxedImage(patient_id, images[patient_id], own[inside], width, height))
-    if not items:
-        hint = (f"they are DICOM files (e.g. {still_dicom[0]}); convert them to PNG or JPEG with the same stem"
-                if still_dicom else "check --root")
-        raise FileNotFoundError(f"{source}: none of the {len(ids)} images was found under the root folder: {hint}")
-    if still_dicom or missing:
-        print(f"{source}: skipped {len(still_dicom)} images still DICOM and {missing} not found, of {len(ids)}")
-    if outside:
-        print(f"{source}: skipped {len(outside)} boxes not inside their image, e.g. {outside[0]}")
-    return items
 
 
 def split_ids(run: DetectConfig, root: Path, boxes: dict) -> dict[str, list[str]]:
@@ -268,16 +195,22 @@ def load_data(run: DetectConfig) -> dict:
         raise FileNotFoundError(f"{root} is a synthetic world without detection boxes ({LABELS_CSV}; worlds written "
                                 f"before detect.py lack it): regenerate it with `python synthetic.py --out {root} "
                                 f"--overwrite` (and the --studies, --seed, --image-size it had)")
-    boxes = read_box_labels(root / LABELS_CSV)
-    images, dicoms = index_images(root)
+    boxes = eval_datasets.read_box_labels(root / LABELS_CSV)
+    images, dicoms = eval_datasets.index_images(root)
     ids = split_ids(run, root, boxes)
-    data = {name: boxed_images(ids[name], boxes, images, dicoms, f"{name} split of {root}") for name in ids}
+    data = {name: eval_datasets.boxed_images(ids[name], boxes, images, dicoms, f"{name} split of {root}")
+            for name in ids}
+    for name in ("val", "test") if run.train_negatives else ("train", "val", "test"):  # as released: positives only
+        data[name] = [item for item in data[name] if len(item.boxes)]
+    empty = [name for name in data if not data[name]]
+    if empty:
+        raise ValueError(f"{root}: no image with a pneumonia box in the {' and '.join(empty)} split")
     if not (run.split_dir and run.label_fraction in eval_datasets.TRAIN_FILES):  # else the list is the subset
         data["train"] = [data["train"][i] for i in label_subset(len(data["train"]), run.label_fraction, run.seed)]
     return data
 
 
-def letterboxed_boxes(item: BoxedImage, size: int) -> torch.Tensor:
+def letterboxed_boxes(item: eval_datasets.BoxedImage, size: int) -> torch.Tensor:
     """The item's boxes (K, 4) as (x1, y1, x2, y2) in the size x size letterboxed frame (data.resize_to_square)."""
     scale, left, top = eval_datasets.letterbox_geometry(item.width, item.height, size)
     x, y, w, h = torch.from_numpy(item.boxes).T  # each (K,)
@@ -292,7 +225,8 @@ def scale_jitter(image: torch.Tensor, boxes: torch.Tensor, min_scale: float, max
     and dropped if less than a pixel wide or high."""
     channels, size, _ = image.shape
     if torch.rand(()) < 0.5:
-        image, boxes = image.flip(-1), torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], 1)
+        boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1)
+        image = image.flip(-1)
     side = max(1, round(size * (min_scale + (max_scale - min_scale) * torch.rand(()).item())))
     image = F.interpolate(image[None], size=(side, side), mode="bilinear", antialias=True)[0]  # (C, side, side)
     top, left = torch.randint(0, max(side - size, 0) + 1, (2,)).tolist()
@@ -308,7 +242,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     """(image (in_chans, S, S) in [0, 1], target {boxes (K, 4) float (x1, y1, x2, y2), labels (K,) int64 ones}),
     letterboxed to S. The detector normalises the image itself. jitter: scale_jitter(min, max) for training."""
 
-    def __init__(self, items: list[BoxedImage], size: int, in_chans: int, jitter: tuple | None = None):
+    def __init__(self, items: list[eval_datasets.BoxedImage], size: int, in_chans: int, jitter: tuple | None = None):
         self.items, self.size, self.in_chans, self.jitter = items, size, in_chans, jitter
 
     def __len__(self):
@@ -378,7 +312,7 @@ def build_detector(encoder, run: DetectConfig, in_chans: int) -> FasterRCNN:
     encoder = copy.deepcopy(encoder)
     encoder.set_drop_path(run.drop_path)
     if run.img_size % encoder.patch_size:
-        raise ValueError(f"--img-size {run.img_size} is not a multiple of the encoder's patch size {encoder.patch_size}")
+        raise ValueError(f"--img-size {run.img_size} is not a multiple of the patch size {encoder.patch_size}")
     grid = run.img_size // encoder.patch_size
     resize_pos_embed(encoder, (grid, grid))
     scale = run.img_size / RELEASED_INPUT
@@ -430,7 +364,7 @@ def predict(model: FasterRCNN, dataset: DetectionDataset, run: DetectConfig, dev
     return predictions
 
 
-def true_boxes(items: list[BoxedImage], size: int) -> list[np.ndarray]:
+def true_boxes(items: list[eval_datasets.BoxedImage], size: int) -> list[np.ndarray]:
     return [letterboxed_boxes(item, size).numpy() for item in items]
 
 
@@ -476,30 +410,26 @@ def train_and_test(init: dict, data: dict, run: DetectConfig, device) -> tuple[d
     train_set = DetectionDataset(data["train"], run.img_size, in_chans, (run.min_scale, run.max_scale))
     batch = min(run.batch_size, len(train_set))
     batches = iter(loader(train_set, batch, run, device, EndlessPermutations(len(train_set), run.seed)))
-    positives = {name: [item for item in data[name] if len(item.boxes)] for name in ("val", "test")}
-    val = DetectionDataset(positives["val"], run.img_size, in_chans)
+    val = DetectionDataset(data["val"], run.img_size, in_chans)
     history = fit(model, batches, run, lambda: box_ap_metrics(predict(model, val, run, device),
-                                                              true_boxes(positives["val"], run.img_size), 0)["ap"],
+                                                              true_boxes(data["val"], run.img_size), 0)["ap"],
                   device, f"{run.recipe} {init['name']}")
     save_checkpoint(run_dir(run, init) / "best.pt", {
         "detector": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
         "detect_config": dataclasses.asdict(run), "init": init["label"], "step": history["best_step"]})
     test_predictions = predict(model, DetectionDataset(data["test"], run.img_size, in_chans), run, device)
-    with_boxes = [k for k, item in enumerate(data["test"]) if len(item.boxes)]
     truths = true_boxes(data["test"], run.img_size)
-    test = box_ap_metrics([test_predictions[k] for k in with_boxes], [truths[k] for k in with_boxes], run.n_boot,
-                          run.seed)
-    test_all = box_ap_metrics(test_predictions, truths, run.n_boot, run.seed)
-    examples = [(data["test"][k], truths[k], *test_predictions[k]) for k in with_boxes[:run.examples]]
+    test = box_ap_metrics(test_predictions, truths, run.n_boot, run.seed)
+    examples = [(item, truth, *found) for item, truth, found in
+                zip(data["test"], truths, test_predictions)][:run.examples]
     losses = history["losses"]
     result = dict(recipe=run.recipe, data=RECIPES[run.recipe]["data"], label_fraction=run.label_fraction,
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(len(item.boxes)) for item in data["train"]),
-                  train_boxes=sum(len(item.boxes) for item in data["train"]), val_positives=len(positives["val"]),
+                  train_boxes=sum(len(item.boxes) for item in data["train"]), val_images=len(data["val"]),
                   best_step=history["best_step"], val_ap=history["best_val_ap"], validations=history["validations"],
                   first_loss=losses[0] if losses else None, last_loss=float(np.mean(losses[-5:])) if losses else None,
-                  seconds=round(time.time() - began, 1), weights=str(run_dir(run, init) / "best.pt"),
-                  test=test, test_all_images=test_all)
+                  seconds=round(time.time() - began, 1), weights=str(run_dir(run, init) / "best.pt"), test=test)
     return result, examples
 
 
@@ -515,8 +445,8 @@ def run_experiment(cfg: DetectConfig) -> dict:
     results, examples = [], []
     for run in runs:
         data = load_data(run)
-        print(f"{run.recipe}: {len(data['train'])} training images ({sum(bool(len(i.boxes)) for i in data['train'])} "
-              f"with pneumonia), {len(data['val'])} validation, {len(data['test'])} test", flush=True)
+        print(f"{run.recipe}: {len(data['train'])} training images ({sum(len(i.boxes) for i in data['train'])} boxes), "
+              f"{len(data['val'])} validation, {len(data['test'])} test images with pneumonia", flush=True)
         for init in inits:
             result, shown = train_and_test(init, data, run, device)
             test = result["test"]
