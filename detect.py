@@ -3,21 +3,18 @@ claim (RSNA Pneumonia), on RSNA as downloaded or on the synthetic world.
 
     python detect.py              # synthetic world: runs/maco/checkpoint.pt against scratch, 1%, 10%, 100% of the boxes
     python detect.py --recipe rsna-10 --root /data/rsna --ckpt maco.pth --tokenizer mimic_wordpiece.json
-    python detect.py --recipe rsna --root /data/rsna --init mae_pretrain_vit_base.pth --split-dir DatasetsSplits
+    python detect.py --recipe rsna --root /data/rsna --init mae_pretrain_vit_base.pth     # MAE ImageNet instead
 
-The model (docs/detection.md): torchvision's Faster R-CNN on a backbone of our own, the ViT's patch tokens after its
-last block (backbone.py; position table interpolated to the input grid) turned into ViTDet's simple feature pyramid
-(scales 4, 2, 1, 1/2 and a max-pooled fifth level, 256 channels, LayerNorm). The released model is a Mask R-CNN
-whose masks are the box rectangles: boxes carry the same information. Recipe as the released ViTDet config: AdamW
-(0.9, 0.999), weight decay 0.05 (none on norms and positions), layer-wise lr decay 0.7, warm-up 250 iterations
-(factor 0.01) then a cosine to 0.01 of the peak, batch 32, 5,600 iterations, input 1024 with scale jitter 0.8-1.2,
-crop and horizontal flip. The validation split picks the best step (AP); the test split gets COCO box AP, AP50 and
-AP75 (metrics.py) with bootstrap 95% intervals, on its images with pneumonia (as the released test set).
-Data: stage_2_train_labels.csv with its images (PNG/JPEG, found by patientId anywhere under --root), split by a hash
-of patientId (70% train, 10% validation, 20% test) or by the lists of --split-dir; or the synthetic world, whose
-stage_2_train_labels.csv holds the phantom's consolidation boxes and whose own split is used. Training subsets are
-nested (1% within 10% within 100%) and keep the images without pneumonia. Results, weights and the figure go under
---out-dir; --figure PATH also draws the figure there (the README's copy: --figure docs/detection.png).
+The model (docs/detection.md): torchvision's Faster R-CNN on the ViT's patch tokens after its last block (backbone.py)
+and ViTDet's simple feature pyramid (scales 4, 2, 1, 1/2 and a max-pooled fifth level, 256 channels, LayerNorm). The
+released model is a Mask R-CNN whose masks are the box rectangles: boxes carry the same information. Recipe as the
+released ViTDet config: AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay 0.7, warm-up 250 iterations then a
+cosine to 0.01 of the peak, batch 32, 5,600 iterations, input 1024 with scale jitter 0.8-1.2, crop and flip. The
+validation split picks the best step; the test split gets COCO box AP, AP50 and AP75 (metrics.py) with bootstrap 95%
+intervals. Data: stage_2_train_labels.csv with its images (found by patientId under --root), split by a hash of
+patientId or by --split-dir lists; or the synthetic world's consolidation boxes and its own split. Images without
+pneumonia are left out (as released; --train-negatives trains on them). Training subsets are nested. Results, weights
+and the figure go under --out-dir; --figure docs/detection.png also redraws the README's copy.
 """
 
 import copy
@@ -55,7 +52,7 @@ from segment import initialisations
 # ViTDet config (5e-4 at 1% and 10%, 3e-4 at 100%; 5,600 iterations; validation every 560, as its eval_period);
 # the synthetic world's fit the default run (3 fractions x 2 initialisations) into 10 minutes on 2 CPU cores.
 SCHEDULES = {"rsna": {1: (5e-4, 5_600, 250, 560), 10: (5e-4, 5_600, 250, 560), 100: (3e-4, 5_600, 250, 560)},
-             "synthetic": {1: (2e-3, 60, 10, 20), 10: (2e-3, 120, 10, 40), 100: (2e-3, 120, 10, 40)}}
+             "synthetic": {1: (2e-3, 60, 10, 20), 10: (2e-3, 150, 10, 50), 100: (2e-3, 250, 10, 50)}}
 SETTINGS = {
     "rsna": dict(root=None, ckpt=None, scratch=False, preset="base", img_size=1024, batch_size=32,
                  pyramid_channels=256, box_head_width=1024, proposals=1000, rois_per_image=512, workers=8),
@@ -63,7 +60,7 @@ SETTINGS = {
     # as the tiny encoder is (192 = 768 / 4 wide: 64 channels, 256 features); fewer proposals and sampled RoIs for
     # the 4,092 anchors of a 64-pixel image (a 1024-pixel one has 261,888). Each costs 4x less time per step.
     "synthetic": dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, preset="tiny", img_size=64,
-                      batch_size=16, pyramid_channels=64, box_head_width=256, proposals=200, rois_per_image=128,
+                      batch_size=8, pyramid_channels=64, box_head_width=256, proposals=200, rois_per_image=128,
                       workers=0),
 }
 RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
@@ -101,7 +98,7 @@ class DetectConfig:
     steps: int = option(None, "training iterations; 0 = evaluate the initial model (recipe)", minimum=0)
     warmup_steps: int = option(None, "warm-up iterations, from 0.01 of the peak (recipe: 250 RSNA)", minimum=0)
     eval_interval: int = option(None, "iterations between validations (recipe: 560 RSNA)", minimum=1)
-    batch_size: int = option(None, "images per iteration (recipe: 32 as released, 16 synthetic)", minimum=1)
+    batch_size: int = option(None, "images per iteration (recipe: 32 as released, 8 synthetic)", minimum=1)
     min_scale: float = option(0.8, "scale jitter of training images: smallest factor (released 0.8)", above=0)
     max_scale: float = option(1.2, "scale jitter: largest factor; then a random crop or padding (released 1.2)",
                               above=0)
@@ -166,26 +163,25 @@ def hash_split(patient_id: str) -> str:
 
 
 def split_ids(run: DetectConfig, root: Path, boxes: dict) -> dict[str, list[str]]:
-    """{train, val, test: patientIds}: the synthetic world's own split, the --split-dir lists, or the hash."""
+    """{train, val, test: patientIds}: the --split-dir lists, or else the synthetic world's own split or the hash."""
+    if run.split_dir:
+        ids = {}
+        for name, file in (("train", eval_datasets.TRAIN_FILES.get(run.label_fraction, "train_list")),
+                           ("val", "val_list"), ("test", "test_list")):
+            path = eval_datasets.split_path(run.split_dir, "rsna", file)
+            ids[name] = [Path(image).stem for image, _ in eval_datasets.read_split_file(path, 1)]
+            unknown = [i for i in ids[name] if i not in boxes]
+            if unknown:
+                raise ValueError(f"{path}: {len(unknown)} patientIds are not in {LABELS_CSV} (e.g. {unknown[0]}): "
+                                 f"detection needs their boxes (the released classification test_list lists "
+                                 f"stage_2_test_images, which have none)")
+        return ids
+    split_of = hash_split
     if RECIPES[run.recipe]["data"] == "synthetic":
         split_of = {row["dicom_id"]: row["split"] for row in read_csv(root / eval_datasets.SYNTHETIC_LABELS_CSV,
-                                                                      ["dicom_id", "split"])}
-        return {name: sorted(i for i in boxes if split_of.get(i) == world)
-                for name, world in (("train", "train"), ("val", "validate"), ("test", "test"))}
-    if not run.split_dir:
-        return {name: sorted(i for i in boxes if hash_split(i) == world)
-                for name, world in (("train", "train"), ("val", "validate"), ("test", "test"))}
-    ids = {}
-    for name, file in (("train", eval_datasets.TRAIN_FILES.get(run.label_fraction, "train_list")),
-                       ("val", "val_list"), ("test", "test_list")):
-        path = eval_datasets.split_path(run.split_dir, "rsna", file)
-        ids[name] = [Path(image).stem for image, _ in eval_datasets.read_split_file(path, 1)]
-        unknown = [i for i in ids[name] if i not in boxes]
-        if unknown:
-            raise ValueError(f"{path}: {len(unknown)} patientIds are not in {LABELS_CSV} (e.g. {unknown[0]}): "
-                             f"detection needs their boxes (the released classification test_list lists "
-                             f"stage_2_test_images, which have none)")
-    return ids
+                                                                      ["dicom_id", "split"])}.get
+    return {name: sorted(i for i in boxes if split_of(i) == split)
+            for name, split in (("train", "train"), ("val", "validate"), ("test", "test"))}
 
 
 def load_data(run: DetectConfig) -> dict:
