@@ -401,6 +401,84 @@ def load_split(data: str, root, split_dir, name: str) -> list[LabelledImage]:
     return items
 
 
+# ----------------------------------------------------------------------------- RSNA Pneumonia boxes (detection)
+
+RSNA_BOX_COLUMNS = ["patientId", "x", "y", "width", "height", "Target"]
+
+
+@dataclass
+class BoxedImage:
+    patient_id: str
+    path: str
+    boxes: np.ndarray  # (K, 4) float32 (x, y, width, height), x, y = top-left, in pixels of the image file; K may be 0
+    width: int
+    height: int
+
+
+def read_box_labels(path) -> dict[str, np.ndarray]:
+    """patientId -> its boxes (K, 4) (x, y, width, height) from an RSNA stage_2_train_labels.csv (§3.3): one row
+    per box (Target 1), or one row with empty box fields (Target 0, K = 0). A malformed row is an error naming it."""
+    boxes = {}
+    for number, row in enumerate(read_csv(path, RSNA_BOX_COLUMNS, ",".join(RSNA_BOX_COLUMNS)), start=2):
+        patient_id, target = row["patientId"].strip(), row["Target"].strip()
+        boxes.setdefault(patient_id, [])
+        if target in ("0", "0.0"):
+            continue
+        try:
+            if target not in ("1", "1.0"):
+                raise ValueError
+            x, y, width, height = (float(row[key]) for key in ("x", "y", "width", "height"))
+        except ValueError:
+            raise ValueError(f"{path}, row {number}: expected Target 0 (no box) or 1 with numbers x, y, width, "
+                             f"height; got {','.join(row[k] for k in RSNA_BOX_COLUMNS)!r}") from None
+        if not width > 0 or not height > 0:
+            raise ValueError(f"{path}, row {number}: the box of {patient_id} has width {width} and height {height}; "
+                             f"both must be positive")
+        boxes[patient_id].append((x, y, width, height))
+    return {key: np.array(value, np.float32).reshape(-1, 4) for key, value in boxes.items()}
+
+
+def index_images(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(stem -> path of every PNG/JPEG under root, stem -> path of every DICOM file), from one walk in sorted order
+    (of two images with one stem, the first path wins)."""
+    images, dicoms = {}, {}
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders.sort()
+        for name in sorted(names):
+            stem, suffix = os.path.splitext(name)
+            found = images if suffix.lower() in IMAGE_SUFFIXES else dicoms if suffix.lower() == ".dcm" \
+                else {}
+            found.setdefault(stem, os.path.join(folder, name))
+    return images, dicoms
+
+
+def boxed_images(ids: list[str], boxes: dict, images: dict, dicoms: dict, source: str) -> list[BoxedImage]:
+    """The items of `ids` whose image is found. Left out and counted: an image still DICOM, a missing image, a box
+    not inside its image (the boxes are in pixels of the image file: convert the DICOM files without resizing)."""
+    items, still_dicom, missing, outside = [], [], 0, []
+    for patient_id in ids:
+        if patient_id not in images:
+            still_dicom += [dicoms[patient_id]] if patient_id in dicoms else []
+            missing += patient_id not in dicoms
+            continue
+        with Image.open(images[patient_id]) as image:
+            width, height = image.size
+        own = boxes[patient_id]
+        inside = ((own[:, 0] >= 0) & (own[:, 1] >= 0) & (own[:, 0] + own[:, 2] <= width)
+                  & (own[:, 1] + own[:, 3] <= height))
+        outside += [f"{patient_id} {tuple(map(float, box))} in a {width}x{height} image" for box in own[~inside]]
+        items.append(BoxedImage(patient_id, images[patient_id], own[inside], width, height))
+    if not items:
+        hint = (f"they are DICOM files (e.g. {still_dicom[0]}); convert them to PNG or JPEG with the same stem"
+                if still_dicom else "check --root")
+        raise FileNotFoundError(f"{source}: none of the {len(ids)} images was found under the root folder: {hint}")
+    if still_dicom or missing:
+        print(f"{source}: skipped {len(still_dicom)} images still DICOM and {missing} not found, of {len(ids)}")
+    if outside:
+        print(f"{source}: skipped {len(outside)} boxes not inside their image, e.g. {outside[0]}")
+    return items
+
+
 # ----------------------------------------------------------------------------- grounding (MS-CXR format)
 
 def load_ms_cxr(csv_path, image_root) -> list[GroundingPair]:

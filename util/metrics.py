@@ -5,7 +5,8 @@ interval, F1 (positive class, and the released support-weighted variant) and acc
 is NaN (uncertain) are left out. Segmentation: the per-image, pooled and positive-image Dice of segment.py, from
 per-image overlap counts, with bootstrap intervals. Grounding: Gaussian smoothing that matches scipy's
 `gaussian_filter`, the contrast-to-noise ratio, IoU over thresholds and the pointing game, on maps in [-1, 1] and
-0/1 box masks.
+0/1 box masks. Detection: COCO box average precision (AP over IoU 0.50:0.05:0.95, AP50, AP75) with bootstrap
+intervals over images.
 """
 import numpy as np
 import torch
@@ -166,6 +167,93 @@ def segmentation_metrics(counts, n_boot: int = 1000, seed: int = 0, level: float
         bounds = np.percentile(values, [50 * (1 - level), 50 * (1 + level)]) if len(values) else [np.nan] * 2
         scores[f"{name}_ci95"] = [float(b) for b in bounds]
     return dict(scores, n_images=len(counts), n_positive=int((counts[:, 2] > 0).sum()))
+
+
+# ----------------------------------------------------------------------------- detection metrics
+
+COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # 0.50, 0.55, ..., 0.95
+COCO_RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # the 101-point interpolation
+
+
+def box_iou(boxes, others) -> np.ndarray:
+    """IoU of boxes (N, 4) with boxes (M, 4), both (x1, y1, x2, y2) in pixels: (N, M). Continuous coordinates,
+    area = width x height, as pycocotools."""
+    a, b = np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(others, np.float64).reshape(-1, 4)
+    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    intersection = width * height  # (N, M)
+    area_a, area_b = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]), (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - intersection
+    return np.where(union > 0, intersection / np.where(union > 0, union, 1), 0.0)
+
+
+def match_detections(boxes, scores, truth, thresholds=COCO_IOU_THRESHOLDS, max_dets: int = 100):
+    """COCO's greedy matching in one image. Detections (N, 4) with scores (N,) are taken in descending score order
+    (the first max_dets); each is matched, at each IoU threshold t, to the not yet matched true box (K, 4) of
+    highest IoU, if that IoU is >= t. Returns (scores (n,), matched (T, n) bool: True = a true positive, False =
+    a false positive, e.g. a duplicate of a box already found), n = min(N, max_dets)."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="mergesort")[:max_dets]
+    ious = box_iou(np.asarray(boxes).reshape(-1, 4)[order], truth)  # (n, K)
+    matched = np.zeros((len(thresholds), len(order)), dtype=bool)
+    for t, threshold in enumerate(thresholds):
+        taken = np.zeros(ious.shape[1], dtype=bool)
+        for d in range(len(order)):
+            candidates = np.where(taken, -1.0, ious[d])  # (K,) a matched true box is out of reach
+            best = int(np.argmax(candidates)) if len(candidates) else -1
+            if best >= 0 and candidates[best] >= min(threshold, 1 - 1e-10):
+                matched[t, d], taken[best] = True, True
+    return scores[order], matched
+
+
+def average_precision(scores, matched, n_truth: int) -> np.ndarray:
+    """AP at each IoU threshold (T,) of all images' detections pooled: scores (n,), matched (T, n) as returned by
+    match_detections and concatenated over images, n_truth true boxes in all. Precision is made monotone (the
+    envelope) and read at 101 recall points; a recall never reached counts as precision 0 (pycocotools'
+    accumulate). NaN when there is no true box."""
+    if n_truth == 0:
+        return np.full(matched.shape[0], np.nan)
+    if matched.shape[1] == 0:  # no detection at all: no recall is reached
+        return np.zeros(matched.shape[0])
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    true_pos = np.cumsum(matched[:, order], axis=1, dtype=np.float64)  # (T, n)
+    false_pos = np.cumsum(~matched[:, order], axis=1, dtype=np.float64)
+    recall = true_pos / n_truth
+    precision = true_pos / (true_pos + false_pos + np.spacing(1))
+    precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]  # best precision at this recall or beyond
+    ap = np.zeros(matched.shape[0])
+    for t in range(matched.shape[0]):
+        index = np.searchsorted(recall[t], COCO_RECALL_POINTS, side="left")  # (101,) first point reaching each recall
+        reached = index < recall.shape[1]
+        ap[t] = np.where(reached, precision[t, np.minimum(index, recall.shape[1] - 1)], 0.0).mean()
+    return ap
+
+
+def _ap_summary(per_image: list, chosen) -> dict:
+    scores = np.concatenate([per_image[i][0] for i in chosen])
+    matched = np.concatenate([per_image[i][1] for i in chosen], axis=1)
+    ap = average_precision(scores, matched, sum(per_image[i][2] for i in chosen))  # (T,)
+    return dict(ap=float(np.mean(ap)), ap50=float(ap[0]), ap75=float(ap[5]), ap_per_threshold=ap.tolist())
+
+
+def box_ap_metrics(predictions: list, truths: list, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """COCO box AP (mean over IoU 0.50:0.05:0.95), AP50 and AP75 of one class, maxDets 100, with percentile
+    bootstrap intervals (test images resampled with replacement, seeded). predictions: per image (boxes (N, 4),
+    scores (N,)); truths: per image true boxes (K, 4); boxes (x1, y1, x2, y2). An image without a true box adds
+    only false positives."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} images of predictions, {len(truths)} of true boxes")
+    per_image = [(*match_detections(boxes, scores, truth), len(np.asarray(truth).reshape(-1, 4)))
+                 for (boxes, scores), truth in zip(predictions, truths)]
+    result = _ap_summary(per_image, range(len(per_image)))
+    rng = np.random.default_rng(seed)
+    resampled = [_ap_summary(per_image, rng.integers(0, len(per_image), len(per_image))) for _ in range(n_boot)]
+    for name in ("ap", "ap50", "ap75"):
+        values = np.array([r[name] for r in resampled])
+        values = values[~np.isnan(values)]
+        bounds = np.percentile(values, [50 * (1 - level), 50 * (1 + level)]) if len(values) else [np.nan] * 2
+        result[f"{name}_ci95"] = [float(b) for b in bounds]
+    return dict(result, n_images=len(truths), n_boxes=sum(p[2] for p in per_image))
 
 
 # ----------------------------------------------------------------------------- grounding metrics

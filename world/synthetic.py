@@ -11,8 +11,9 @@ Besides the official files (images, reports, metadata / split / chexpert CSVs) i
 `MS_CXR_Local_Alignment_v1.0.0.csv` (test split, one row per finding phrase and box, in pixels of the written image)
 and `synthetic-labels.csv` (the true 0/1 finding per name in FINDINGS, for zero-shot evaluation: nodule and mass share
 CheXpert's "Lung Lesion" column) and `train-rle.csv` (every image's pneumothorax mask, all splits, in the Kaggle
-SIIM-ACR format of docs/datasets.md §4.3: ImageId = dicom_id, for segment.py). As on a real frontal film, the
-patient's right is on the image left.
+SIIM-ACR format of docs/datasets.md §4.3: ImageId = dicom_id, for segment.py). For detection (detect.py) it writes
+`synthetic-boxes.csv` (every finding's boxes in every split) and an RSNA-style `stage_2_train_labels.csv` for
+consolidation, the world's "pneumonia". As on a real frontal film, the patient's right is on the image left.
 """
 import csv
 import ctypes
@@ -375,8 +376,27 @@ def _generate_chunk(job) -> list[dict]:
                         "labels": [dicom_id, subject_id, study_id, split, study.image_path] +
                                   [int(name in present) for name in FINDINGS],
                         "grounding": grounding if split == "test" else [], "devices": bool(study.devices),
-                        "pneumothorax_rles": _pneumothorax_rles(study, regions)})
+                        "pneumothorax_rles": _pneumothorax_rles(study, regions),
+                        "boxes": [[dicom_id, split, study.findings[i].name, side, *box] for i, side, box in boxes]})
     return results
+
+
+def _write_detection_truth(folder: str, rows: list[dict], image_size: int) -> None:
+    """Detection truth for every study of every split (detect.py): synthetic-boxes.csv, one row per box of every
+    finding (x, y = top-left, in pixels of the written image), and an RSNA-style stage_2_train_labels.csv for
+    consolidation, the world's "pneumonia" (docs/datasets.md §3.3): patientId = dicom_id, one row per box with
+    Target 1, or one row with empty box fields and Target 0 for a study without a consolidation box."""
+    _write_csv(os.path.join(folder, "synthetic-boxes.csv"), ["dicom_id", "split", "finding", "side", "x", "y", "w",
+                                                             "h", "image_width", "image_height"],
+               [box + [image_size, image_size] for r in rows for box in r["boxes"]])
+    labels = []
+    for r in rows:
+        dicom_id = r["split"][0]
+        boxes = [[dicom_id, f"{x:.1f}", f"{y:.1f}", f"{w:.1f}", f"{h:.1f}", 1]
+                 for _, _, name, _, x, y, w, h in r["boxes"] if name == "consolidation"]
+        labels += boxes or [[dicom_id, "", "", "", "", 0]]
+    _write_csv(os.path.join(folder, "stage_2_train_labels.csv"), ["patientId", "x", "y", "width", "height", "Target"],
+               labels)
 
 
 def _write_csv(path: str, header: list, rows: list, compress: bool = False) -> None:
@@ -431,6 +451,7 @@ def generate(out_dir, studies: int, seed: int, image_size: int = 256, workers: i
                    [[r["split"][0], rle] for r in rows for rle in r["pneumothorax_rles"]])
         _write_csv(os.path.join(temporary, "mimic-cxr-2.0.0-metadata.csv.gz"), METADATA_HEADER,
                    [r["metadata"] for r in rows], compress=True)
+        _write_detection_truth(temporary, rows, image_size)
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)  # empty, or a synthetic world that --overwrite replaces
         os.replace(temporary, out_dir)
