@@ -10,7 +10,7 @@ and ViTDet's simple feature pyramid (scales 4, 2, 1, 1/2 and a max-pooled fifth 
 released model is a Mask R-CNN whose masks are the box rectangles: boxes carry the same information. Recipe as the
 released ViTDet config: AdamW (0.9, 0.999), weight decay 0.05, layer-wise lr decay 0.7, warm-up 250 iterations then a
 cosine to 0.01 of the peak, batch 32, 5,600 iterations, input 1024 with scale jitter 0.8-1.2, crop and flip. The
-validation split picks the best step; the test split gets COCO box AP, AP50 and AP75 (metrics.py) with bootstrap 95%
+validation split picks the best step; the test split gets COCO box AP, AP50 and AP75 (util/metrics.py) with bootstrap 95%
 intervals. Data: stage_2_train_labels.csv with its images (found by patientId under --root), split by a hash of
 patientId or by --split-dir lists; or the synthetic world's consolidation boxes and its own split. Images without
 pneumonia are left out (as released; --train-negatives trains on them). Training subsets are nested. Results, weights
@@ -37,16 +37,16 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-import eval_datasets
 from backbone import ViTBackbone, layer_decay_groups, resize_pos_embed
-from checkpoint import check_writable, save_checkpoint, write_atomic, write_json
-from cli import check_options, option, run_script
 from data import IMAGE_MEAN, IMAGE_STD, check_root, read_csv, resize_to_square
-from devices import autocast, pick_device
 from finetune import EndlessPermutations, label_subset
 from maco import PRESETS
-from metrics import box_ap_metrics
 from segment import initialisations
+from util import eval_datasets
+from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
+from util.cli import check_options, option, run_script
+from util.devices import autocast, pick_device
+from util.metrics import box_ap_metrics
 
 # (peak lr, iterations, warm-up iterations, validation interval) per percentage of the training images: the released
 # ViTDet config (5e-4 at 1% and 10%, 3e-4 at 100%; 5,600 iterations; validation every 560, as its eval_period);
@@ -189,7 +189,7 @@ def load_data(run: DetectConfig) -> dict:
     root = check_root(run.root, "detection data")
     if not (root / LABELS_CSV).is_file() and (root / eval_datasets.SYNTHETIC_LABELS_CSV).is_file():
         raise FileNotFoundError(f"{root} is a synthetic world without detection boxes ({LABELS_CSV}; worlds written "
-                                f"before detect.py lack it): regenerate it with `python synthetic.py --out {root} "
+                                f"before detect.py lack it): regenerate it with `python -m world.synthetic --out {root} "
                                 f"--overwrite` (and the --studies, --seed, --image-size it had)")
     boxes = eval_datasets.read_box_labels(root / LABELS_CSV)
     images, dicoms = eval_datasets.index_images(root)

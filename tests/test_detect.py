@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 import detect as dt
-import eval_datasets
-import metrics as mt
 from finetune import new_encoder
 from fixtures_eval import write_text
 from maco import MaCoConfig
 from test_finetune import write_train_checkpoint
+from util import eval_datasets
+from util import metrics as mt
 
 IDS = [f"{k:08x}-14fd-4e49-80ba-63a80b6bddd6" for k in range(12)]
 
@@ -234,7 +234,7 @@ def test_a_synthetic_world_without_boxes_says_how_to_regenerate(tmp_path, capsys
     write_text(tmp_path / "synthetic-labels.csv", "dicom_id,subject_id,study_id,split,path,consolidation\n")
     err = error_of(["--recipe", "synthetic-1", "--root", str(tmp_path), "--scratch", "--out-dir",
                     str(tmp_path / "o")], capsys)
-    assert "without detection boxes" in err and f"python synthetic.py --out {tmp_path} --overwrite" in err
+    assert "without detection boxes" in err and f"python -m world.synthetic --out {tmp_path} --overwrite" in err
 
 
 def test_the_synthetic_world_writes_consolidation_boxes_for_every_split(synthetic_root):
