@@ -26,8 +26,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from util.checkpoint import check_writable, write_atomic
+from util.checkpoint import WriteError, write_atomic
 from util.cli import check_options, option, run_script
+from util.run_guard import OutDirLock
 from util.tokenizer import encode_texts
 
 IMAGE_MEAN = 0.4978  # D8: pixel statistics of the released pre-training, images scaled to [0, 1]
@@ -488,6 +489,21 @@ def _load_chunk(rows: list[int], paths: list[str], size: int, resize: str) -> li
     return chunk
 
 
+def save_array(path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # np.save given a name would add ".npy" to it
+        np.save(handle, array)
+
+
+def create_image_store(path: Path, shape: tuple) -> None:
+    """A uint8 .npy of `shape` whose disk blocks are allocated now (a plain memory map would be a sparse file)."""
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        with open(path, "r+b") as store:
+            os.posix_fallocate(store.fileno(), 0, os.path.getsize(path))
+    except OSError as error:
+        raise WriteError.of(path, error) from None
+
+
 def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0) -> Path:
     """Resize each image of `dataset` once, at its image_size and resize mode, into `out`; resumable, memory
     bounded by a few chunks.
@@ -495,7 +511,8 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
     Files: ids.txt (image ids, row order), images.npy (uint8 (N, S, S) memory map), status.npy (per row:
     0 pending, 1 cached, 2 unreadable), meta.json (written last at creation: the store is complete), and
     progress.json (rows done; replaced atomically after each chunk is flushed, so an interruption at any point
-    loses at most the chunk in flight and re-running continues from it).
+    loses at most the chunk in flight and re-running continues from it). images.npy's disk space is reserved at
+    creation, so a full disk is a clear error then, not a crash (SIGBUS) when the memory map is written.
     """
     out, size, resize = Path(out), dataset.image_size, dataset.resize
     ids = [image_id for image_id, _, _ in dataset.items]
@@ -509,8 +526,8 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "ids.txt", lambda temp: Path(temp).write_text("\n".join(ids)))
-        np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8, shape=(len(ids), size, size)).flush()
-        np.save(out / "status.npy", np.full(len(ids), PENDING, dtype=np.uint8))
+        create_image_store(out / "images.npy", (len(ids), size, size))
+        write_atomic(out / "status.npy", lambda temp: save_array(temp, np.full(len(ids), PENDING, dtype=np.uint8)))
         write_atomic(out / "meta.json", lambda temp: Path(temp).write_text(json.dumps(meta)))
         done = 0
     images = np.load(out / "images.npy", mmap_mode="r+")
@@ -524,8 +541,11 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
                 if pixels is not None:
                     images[index] = pixels
                 status[index] = UNREADABLE if pixels is None else CACHED
-            images.flush()
-            status.flush()
+            try:
+                images.flush()
+                status.flush()
+            except OSError as error:
+                raise WriteError.of(out / "images.npy", error) from None
             done = chunk[-1][0] + 1
             write_atomic(out / "progress.json", lambda temp: Path(temp).write_text(json.dumps({"done": done})))
             progress.update(len(chunk))
@@ -555,8 +575,8 @@ def cache_command(config: CacheConfig) -> None:
     else:
         dataset = OpenI(config.root, image_size=config.size, resize=config.resize)
     out = config.out or Path(config.root) / f"cache-{config.size}"
-    build_cache(dataset, check_writable(out, "cache folder (pass --out to put it elsewhere)"), config.chunk_size,
-                config.workers)
+    with OutDirLock(out, "cache folder (pass --out to put it elsewhere)"):
+        build_cache(dataset, out, config.chunk_size, config.workers)
 
 
 def main(argv=None) -> int:

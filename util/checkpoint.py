@@ -48,15 +48,16 @@ class WriteError(OSError):
     """A file could not be written (a full disk, no permission, ...). The message names the file and the reason;
     the file's previous version, if any, is unchanged."""
 
-
-def _write_error(path: Path, error: Exception) -> WriteError:
-    try:
-        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
-    except OSError:
-        free = ""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    return WriteError(f"could not write {path} ({reason}{free}); its previous version, if any, is unchanged: "
-                      f"free some space (or fix the folder's permissions) and run the command again")
+    @classmethod
+    def of(cls, path, error: Exception) -> "WriteError":
+        path = Path(path)
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        return cls(f"could not write {path} ({reason}{free}); its previous version, if any, is unchanged: free "
+                   f"some space (or fix the folder's permissions) and run the command again")
 
 
 def _fsync(path) -> None:
@@ -85,7 +86,7 @@ def write_atomic(path, write) -> None:
         os.replace(temp, path)
         _fsync(path.parent)
     except OSError as error:
-        raise _write_error(path, error) from None
+        raise WriteError.of(path, error) from None
     finally:
         if temp and os.path.exists(temp):
             os.remove(temp)
@@ -107,7 +108,7 @@ def append_line(path, line: str) -> None:
                 log.truncate(start)
                 raise
     except OSError as error:
-        raise _write_error(path, error) from None
+        raise WriteError.of(path, error) from None
 
 
 def read_log(path) -> list[dict]:
@@ -159,7 +160,11 @@ def _damage(path) -> str | None:
     if size == 0:
         return "the file is empty (0 bytes)"
     if not zipfile.is_zipfile(path):
-        return None  # truncated (no zip directory at its end) or the legacy format: torch.load says which
+        with open(path, "rb") as file:
+            starts_as_zip = file.read(4) == b"PK\x03\x04"
+        if starts_as_zip:
+            return f"cut short ({size} bytes): it starts as torch.save's zip archive but lacks the archive's end"
+        return None  # another format (torch's legacy one): torch.load judges it
     try:
         with zipfile.ZipFile(path) as archive:
             failed = archive.testzip()
