@@ -38,8 +38,8 @@ class OutDirLock:
                 lock_file.seek(0)
                 holder = lock_file.read().strip() or "?"
                 lock_file.close()
-                raise ValueError(f"{self.flag} {self.path.parent} is in use by process {holder} (lock file {self.path}); "
-                                 f"wait for it to finish or stop it, or choose another {self.flag}") from None
+                raise ValueError(f"{self.flag} {self.path.parent} is in use by process {holder} (lock file "
+                                 f"{self.path}); wait for it to finish or stop it, or choose another {self.flag}") from None
             if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(lock_file.fileno()).st_ino:
                 lock_file.close()  # the holder removed the file as we locked it: lock the new one
                 continue
