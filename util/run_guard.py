@@ -21,14 +21,17 @@ from util.checkpoint import check_writable
 
 class OutDirLock:
     """`with OutDirLock(folder, "--out-dir"):` hold folder/run.lock; a ValueError naming the holder's pid if a
-    live process holds it. enabled=False (the other ranks of a multi-GPU run) does nothing."""
+    live process holds it. enabled=False (the other ranks of a multi-GPU run) does nothing. A folder the lock
+    created is removed again if nothing else was written there (a command that stopped at a bad flag)."""
 
     def __init__(self, folder, flag: str = "--out-dir", enabled: bool = True):
         self.path, self.flag, self.enabled, self.file = Path(folder) / "run.lock", flag, enabled, None
+        self.created_folder = False
 
     def __enter__(self):
         if not self.enabled:
             return self
+        self.created_folder = not self.path.parent.exists()
         check_writable(self.path.parent, self.flag)
         while self.file is None:
             lock_file = open(self.path, "a+")
@@ -60,6 +63,8 @@ class OutDirLock:
             self.path.unlink(missing_ok=True)
             self.file.close()  # releases the flock
             self.file = None
+            if self.created_folder and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
 
 
 class StopSignals:
