@@ -403,18 +403,6 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
         return finish(run, result)
 
 
-def stop_agreed(run: Run, stop: StopSignals, at_log: bool) -> bool:
-    """Whether a signal stops the run after this step: at once in one process; in a multi-process run at the
-    next log step, where the processes agree (a signal may reach them at different steps)."""
-    if run.world == 1:
-        return bool(stop.requested)
-    if not at_log:
-        return False
-    requested = torch.tensor(float(bool(stop.requested)), device=run.device)
-    torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
-    return bool(requested.item())
-
-
 def train_steps(run: Run, stop: StopSignals) -> dict:
     """The optimizer steps, with their log lines and checkpoints; returns the step reached, the last log record
     and the images skipped."""
@@ -437,7 +425,7 @@ def train_steps(run: Run, stop: StopSignals) -> dict:
         done = step + 1
         progress.update(1)
         at_log = done % run.cfg.log_interval == 0 or done % run.cfg.ckpt_interval == 0 or done == run.stop_step
-        stopping = stop_agreed(run, stop, at_log)
+        stopping = stop.should_stop(run.world, run.device, at_log)
         if at_log and last_out is not None:  # (nothing to log before the first readable batch)
             if bad_step.item() >= 0:  # the one host sync of the step, at logging time
                 kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"

@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 from util.checkpoint import check_writable
 
 
@@ -96,6 +98,17 @@ class StopSignals:
         # os.write, not print: a handler may run while the main code is inside a print to the same stream
         os.write(sys.stderr.fileno(), f"\n{name}: finishing this step, then writing a checkpoint "
                                       f"(send it again to stop at once)\n".encode())
+
+    def should_stop(self, world: int, device, at_log: bool) -> bool:
+        """Whether to stop after this step: at once in one process; in a multi-process run at a log step, where
+        the processes agree (a signal may reach them at different steps)."""
+        if world == 1:
+            return bool(self.requested)
+        if not at_log:
+            return False
+        requested = torch.tensor(float(bool(self.requested)), device=device)
+        torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
+        return bool(requested.item())
 
     @property
     def exit_code(self) -> int:
