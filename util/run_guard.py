@@ -1,14 +1,16 @@
 """One run per output folder, and a clean stop on SIGTERM or Ctrl-C (docs/reliability.md).
 
-`OutDirLock`: train.py, finetune.py and tools/ablate.py hold `<out-dir>/run.lock` (an flock, with the pid written
-in it) while they run, so a second command on the same folder stops at once and names the first. The kernel drops
-an flock when its process dies, however it dies: a lock file left by a killed run is taken over, and said.
+`OutDirLock`: train.py, finetune.py, tools/ablate.py and `data.py cache` hold `<folder>/run.lock` (a POSIX lock,
+with the pid written in it) while they run, so a second command on the same folder stops at once and names the
+first. The kernel drops the lock when its process dies, however it dies, and forked DataLoader workers do not
+inherit it: a lock file left by a killed run is taken over, and said.
 
 `StopSignals`: the first SIGTERM (a scheduler's) or SIGINT (Ctrl-C) only sets `requested`; the training loop
 finishes its step, writes a checkpoint and exits with 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C).
 A second signal ends the process at once, as the signal itself would have.
 """
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -38,8 +40,8 @@ class OutDirLock:
         while self.file is None:
             lock_file = open(self.path, "a+")
             try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):
                 lock_file.seek(0)
                 holder = lock_file.read().strip() or "?"
                 lock_file.close()
@@ -63,10 +65,11 @@ class OutDirLock:
     def __exit__(self, *exc_info):
         if self.file is not None:
             self.path.unlink(missing_ok=True)
-            self.file.close()  # releases the flock
+            self.file.close()  # releases the lock
             self.file = None
             if self.created_folder and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()
+                with contextlib.suppress(OSError):  # another command wrote there meanwhile
+                    self.path.parent.rmdir()
 
 
 class StopSignals:
