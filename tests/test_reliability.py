@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -269,6 +270,25 @@ def test_a_second_signal_ends_the_process_at_once():
         return 0
     status, seconds = in_child(work)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM and seconds < 10
+
+
+def agree_on_stopping(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    stop = StopSignals()
+    stop.requested = signal.SIGTERM if rank == 1 else 0  # the signal reached one process only
+    decisions = [stop.should_stop(2, torch.device("cpu"), at_log) for at_log in (False, True)]
+    Path(folder, f"rank{rank}.json").write_text(json.dumps(decisions))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_processes_of_a_multi_process_run_agree_to_stop_at_a_log_step(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(agree_on_stopping, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)] == [[False, True]] * 2
 
 
 def test_signal_handlers_are_restored_after_the_run():
