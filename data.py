@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from util.checkpoint import WriteError, write_atomic
+from util.checkpoint import WriteError, read_json, write_atomic
 from util.cli import check_options, option, run_script
 from util.run_guard import OutDirLock
 from util.tokenizer import encode_texts
@@ -313,7 +313,7 @@ class ImageReportDataset(Dataset):
             return
         if not (cache / "meta.json").exists():
             raise ValueError(f"{cache} is not an image cache (no meta.json); delete it or run `python data.py cache`")
-        meta = json.loads((cache / "meta.json").read_text())
+        meta = read_json(cache / "meta.json")
         if (meta["size"], meta["resize"]) != (self.image_size, self.resize):
             raise ValueError(f"cache {cache} holds {meta['size']}-pixel {meta['resize']} images, but this dataset "
                              f"wants {self.image_size}-pixel {self.resize} ones; build a matching cache with "
@@ -520,9 +520,9 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
         raise ValueError(f"nothing to cache for {out}: the dataset selected no images")
     meta = {"size": size, "resize": resize, "count": len(ids)}
     if (out / "meta.json").exists():
-        if json.loads((out / "meta.json").read_text()) != meta or (out / "ids.txt").read_text().split("\n") != ids:
+        if read_json(out / "meta.json") != meta or (out / "ids.txt").read_text().split("\n") != ids:
             raise ValueError(f"{out} holds a cache of other images or another size; delete it or choose --out")
-        done = json.loads((out / "progress.json").read_text())["done"] if (out / "progress.json").exists() else 0
+        done = read_json(out / "progress.json")["done"] if (out / "progress.json").exists() else 0
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "ids.txt", lambda temp: Path(temp).write_text("\n".join(ids)))

@@ -461,6 +461,14 @@ def test_a_log_cut_short_by_a_kill_loses_its_last_line_only_and_says_so(tmp_path
         files.read_log(log)
 
 
+def test_a_damaged_cache_record_is_named_not_a_parser_message(synthetic_root, tmp_path, capsys):
+    argv = ["cache", "--root", str(synthetic_root), "--size", "16", "--workers", "0", "--out", str(tmp_path)]
+    assert data.main(argv) == 0
+    (tmp_path / "progress.json").write_text('{"done": 1')
+    assert data.main(argv) == 2
+    assert f"{tmp_path / 'progress.json'}: not valid JSON" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def cut_short_checkpoint(synthetic_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("damaged")

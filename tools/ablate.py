@@ -24,7 +24,6 @@ resumes from its checkpoint.
 """
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from eval_zeroshot import PHRASES, evaluate_grounding, zero_shot_predictions
 from maco import load
 from train import RECIPES, TrainConfig, train
 from util import eval_datasets
-from util.checkpoint import check_writable, write_atomic, write_json
+from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import macro_auc
 from util.run_guard import OutDirLock
@@ -279,7 +278,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
         if not path.exists():
             checkpoint = train_variant(cfg, variant, seed, out_dir / "runs" / f"{variant}-seed{seed}")
             write_json(score_variant(cfg, variant, checkpoint), path)
-        scores.setdefault(variant, []).append(json.loads(path.read_text()))
+        scores.setdefault(variant, []).append(read_json(path))
     summary = summarise(scores, cfg.n_boot)
     summary.update(config=dataclasses.asdict(cfg), recipe=RECIPES["synthetic"], seconds=round(time.time() - start))
     write_json(summary, out_dir / "results.json")

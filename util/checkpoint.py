@@ -130,6 +130,15 @@ def read_log(path) -> list[dict]:
     return records
 
 
+def read_json(path):
+    """A JSON file written by this project; a damaged one is a ValueError naming it (no bare parser message)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); it was changed after it was written: delete it and run "
+                         f"the command again, which writes it anew") from None
+
+
 def check_writable(folder, flag: str = "--out") -> Path:
     """Create `folder` if needed and prove a file can be written there, before any work starts."""
     folder = Path(folder)
