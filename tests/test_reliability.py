@@ -191,7 +191,7 @@ def test_a_run_killed_at_any_instant_resumes_to_the_uninterrupted_result(synthet
         else:
             status, _ = in_child(lambda: train.main(run_args(synthetic_root, out)), kill_after=when)
         landed = "finished before the kill" if os.WIFEXITED(status) else killed_where(out)
-        assert os.WIFSIGNALED(status) or os.WEXITSTATUS(status) == 0
+        assert os.WIFSIGNALED(status) or (how == "at" and os.WEXITSTATUS(status) == 0)  # each writer is hit
         where[landed] += 1
         print(f"  landed: {landed}")
         resume_after_kill(synthetic_root, out)
