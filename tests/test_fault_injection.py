@@ -20,6 +20,7 @@ from fixtures_runs import assert_equal_states, in_child, losses, one_thread, run
 
 import data
 import train
+from tools import ablate
 
 KILLS = int(os.environ.get("MACO_FAULT_KILLS", "20"))
 FAULT_SEED = int(os.environ.get("MACO_FAULT_SEED", "0"))
@@ -161,3 +162,12 @@ def test_a_cache_build_killed_at_any_instant_completes_to_the_same_cache(synthet
         for name in ("ids.txt", "meta.json", "progress.json", "status.npy", "images.npy"):
             assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
         assert not list(out.glob(".*.tmp")) and not (out / "run.lock").exists()
+
+
+def test_an_ablation_run_killed_before_its_first_checkpoint_starts_again(synthetic_root, tmp_path):
+    run_dir = tmp_path / "runs" / "clip-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text('{"step": 2, "loss": 3.0}\n{"st')  # all a kill at step 3 leaves
+    cfg = ablate.AblateConfig(quick=True, root=str(synthetic_root), num_workers=0, out_dir=str(tmp_path))
+    checkpoint = ablate.train_variant(cfg, "clip", 0, run_dir)
+    assert torch.load(checkpoint, weights_only=True)["step"] > 2
