@@ -27,8 +27,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from util.checkpoint import check_writable, write_atomic
+from util.checkpoint import WriteError, read_json, write_atomic
 from util.cli import check_options, option, run_script
+from util.run_guard import OutDirLock
 from util.tokenizer import encode_texts
 
 IMAGE_MEAN = 0.4978  # D8: pixel statistics of the released pre-training, images scaled to [0, 1]
@@ -313,7 +314,7 @@ class ImageReportDataset(Dataset):
             return
         if not (cache / "meta.json").exists():
             raise ValueError(f"{cache} is not an image cache (no meta.json); delete it or run `python data.py cache`")
-        meta = json.loads((cache / "meta.json").read_text())
+        meta = read_json(cache / "meta.json")
         if (meta["size"], meta["resize"]) != (self.image_size, self.resize):
             raise ValueError(f"cache {cache} holds {meta['size']}-pixel {meta['resize']} images, but this dataset "
                              f"wants {self.image_size}-pixel {self.resize} ones; build a matching cache with "
@@ -489,6 +490,21 @@ def _load_chunk(rows: list[int], paths: list[str], size: int, resize: str) -> li
     return chunk
 
 
+def save_array(path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # np.save given a name would add ".npy" to it
+        np.save(handle, array)
+
+
+def create_image_store(path: Path, shape: tuple) -> None:
+    """A uint8 .npy of `shape` whose disk blocks are allocated now (a plain memory map would be a sparse file)."""
+    try:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+        with open(path, "r+b") as store:
+            os.posix_fallocate(store.fileno(), 0, os.path.getsize(path))
+    except OSError as error:
+        raise WriteError.of(path, error) from None
+
+
 def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0) -> Path:
     """Resize each image of `dataset` once, at its image_size and resize mode, into `out`; resumable, memory
     bounded by a few chunks.
@@ -496,7 +512,8 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
     Files: ids.txt (image ids, row order), images.npy (uint8 (N, S, S) memory map), status.npy (per row:
     0 pending, 1 cached, 2 unreadable), meta.json (written last at creation: the store is complete), and
     progress.json (rows done; replaced atomically after each chunk is flushed, so an interruption at any point
-    loses at most the chunk in flight and re-running continues from it).
+    loses at most the chunk in flight and re-running continues from it). images.npy's disk space is reserved at
+    creation, so a full disk is a clear error then, not a crash (SIGBUS) when the memory map is written.
     """
     out, size, resize = Path(out), dataset.image_size, dataset.resize
     ids = [image_id for image_id, _, _ in dataset.items]
@@ -504,14 +521,14 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
         raise ValueError(f"nothing to cache for {out}: the dataset selected no images")
     meta = {"size": size, "resize": resize, "count": len(ids)}
     if (out / "meta.json").exists():
-        if json.loads((out / "meta.json").read_text()) != meta or (out / "ids.txt").read_text().split("\n") != ids:
+        if read_json(out / "meta.json") != meta or (out / "ids.txt").read_text().split("\n") != ids:
             raise ValueError(f"{out} holds a cache of other images or another size; delete it or choose --out")
-        done = json.loads((out / "progress.json").read_text())["done"] if (out / "progress.json").exists() else 0
+        done = read_json(out / "progress.json")["done"] if (out / "progress.json").exists() else 0
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "ids.txt", lambda temp: Path(temp).write_text("\n".join(ids)))
-        np.lib.format.open_memmap(out / "images.npy", mode="w+", dtype=np.uint8, shape=(len(ids), size, size)).flush()
-        np.save(out / "status.npy", np.full(len(ids), PENDING, dtype=np.uint8))
+        create_image_store(out / "images.npy", (len(ids), size, size))
+        write_atomic(out / "status.npy", lambda temp: save_array(temp, np.full(len(ids), PENDING, dtype=np.uint8)))
         write_atomic(out / "meta.json", lambda temp: Path(temp).write_text(json.dumps(meta)))
         done = 0
     images = np.load(out / "images.npy", mmap_mode="r+")
@@ -525,8 +542,11 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
                 if pixels is not None:
                     images[index] = pixels
                 status[index] = UNREADABLE if pixels is None else CACHED
-            images.flush()
-            status.flush()
+            try:
+                images.flush()
+                status.flush()
+            except OSError as error:
+                raise WriteError.of(out / "images.npy", error) from None
             done = chunk[-1][0] + 1
             write_atomic(out / "progress.json", lambda temp: Path(temp).write_text(json.dumps({"done": done})))
             progress.update(len(chunk))
@@ -556,8 +576,8 @@ def cache_command(config: CacheConfig) -> None:
     else:
         dataset = OpenI(config.root, image_size=config.size, resize=config.resize)
     out = config.out or Path(config.root) / f"cache-{config.size}"
-    build_cache(dataset, check_writable(out, "cache folder (pass --out to put it elsewhere)"), config.chunk_size,
-                config.workers)
+    with OutDirLock(out, "cache folder (pass --out to put it elsewhere)"):
+        build_cache(dataset, out, config.chunk_size, config.workers)
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,7 @@ from util.cli import check_options, option, run_script
 from util.devices import autocast, pick_device
 from util.metrics import classification_metrics, macro_auc
 from util.released import read_weights
+from util.run_guard import OutDirLock
 from vit import VisionTransformer
 
 # (learning rate, optimizer steps, warm-up steps) per percentage of the training labels, as released
@@ -596,7 +597,8 @@ def main(argv=None) -> int:
 
 
 def run_and_print(cfg: FinetuneConfig) -> int:
-    summary = run_experiment(cfg)
+    with OutDirLock(cfg.out_dir, "--out-dir"):  # a second finetune.py on the same folder stops at once
+        summary = run_experiment(cfg)
     print("\n" + format_table(summary["runs"]))
     print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and ROC "
           f"curves under {cfg.out_dir}" + (f", and {summary['figure']}" if summary["figure"] else ""))

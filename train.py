@@ -19,6 +19,7 @@ resumed run computes exactly the losses the uninterrupted run would have.
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ from tqdm import tqdm
 
 from data import Collate, MimicCXR, OpenI
 from maco import PRESETS, MaCo, MaCoConfig, load
-from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
+from util.checkpoint import append_line, check_writable, read_checkpoint, read_log, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
 from util.devices import autocast, setup_distributed, uses_bf16
+from util.run_guard import OutDirLock, StopSignals, ignore_stop_signals
 from util.tokenizer import load_tokenizer, train_tokenizer
 
 RECIPES = {
@@ -180,18 +182,29 @@ def prepare_out_dir(cfg: TrainConfig, is_main: bool, resume_step: int | None) ->
     check_writable(out_dir, "--out-dir")
     existing = out_dir / "checkpoint.pt"
     resuming_here = cfg.resume and existing.exists() and existing.resolve() == Path(cfg.resume).resolve()
-    if not resuming_here and not cfg.overwrite and (existing.exists() or (out_dir / "log.jsonl").exists()):
+    if not resuming_here and not cfg.overwrite and existing.exists():
         raise ValueError(f"--out-dir {out_dir} already holds a run; continue it with --resume {existing}, "
                          f"or choose another --out-dir, or pass --overwrite to replace it")
+    if not resuming_here and not cfg.overwrite and (out_dir / "log.jsonl").exists():
+        raise ValueError(f"--out-dir {out_dir} holds the log of a run stopped before its first checkpoint; start "
+                         f"again with --overwrite, or choose another --out-dir")
     if not resuming_here:  # a fresh run (--overwrite) or a branch starts its own files
         for name in ("checkpoint.pt", "log.jsonl", "loss.png"):
             (out_dir / name).unlink(missing_ok=True)
-    if cfg.resume:  # the log of the run so far, up to the checkpoint's step (in place: trimmed)
-        source_log = Path(cfg.resume).parent / "log.jsonl"
-        lines = source_log.read_text().splitlines() if source_log.exists() else []
-        kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= resume_step)
-        write_atomic(out_dir / "log.jsonl", lambda temp: Path(temp).write_text(kept))
+    if cfg.resume:
+        write_atomic(out_dir / "log.jsonl", lambda temp: Path(temp).write_text(log_until(cfg.resume, resume_step)))
     return out_dir
+
+
+def log_until(checkpoint_path: str, step: int) -> str:
+    """The log of the run so far, up to the checkpoint's step: the lines a killed run wrote after its last
+    checkpoint are dropped (its steps run again), so a resumed log equals an uninterrupted one."""
+    source_log = Path(checkpoint_path).parent / "log.jsonl"
+    records = read_log(source_log) if source_log.exists() else []
+    kept = [record for record in records if record["step"] <= step]
+    if len(kept) < len(records):
+        print(f"{source_log}: dropped {len(records) - len(kept)} line(s) after step {step}, the checkpoint's")
+    return "".join(json.dumps(record) + "\n" for record in kept)
 
 
 def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
@@ -298,7 +311,8 @@ def step_batches(run: Run):
         indices = epoch_indices(len(run.dataset), len(run.dataset) // run.world, cfg.seed, epoch, run.rank, run.world)
         loader = DataLoader(run.dataset, batch_size=cfg.batch_size, collate_fn=Collate(run.tokenizer, run.model_cfg.max_len),
                             sampler=indices[offset * per_step: run.steps_per_epoch * per_step],
-                            num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda", drop_last=True)
+                            num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda", drop_last=True,
+                            worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         for step in range(step, min(run.stop_step, (epoch + 1) * run.steps_per_epoch)):
             yield step, [next(batches) for _ in range(cfg.accum_steps)]
@@ -354,7 +368,7 @@ def log_record(run: Run, step: int, out: dict, images: int, seconds: float, skip
 def plot_losses(log_path: Path, out_path: Path) -> None:
     """The loss curves as a PNG. A bare Figure, not pyplot: the caller's (a notebook's) backend stays as it was."""
     from matplotlib.figure import Figure
-    rows = [json.loads(line) for line in log_path.read_text().splitlines()]
+    rows = read_log(log_path)
     figure = Figure(figsize=(13, 3.5))
     for axis, key in zip(figure.subplots(1, 3), ["loss", "loss_rec", "loss_con"]):
         axis.plot([r["step"] for r in rows], [r[key] for r in rows])
@@ -380,8 +394,18 @@ def evaluate_at_end(run: Run) -> dict:
 def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     """Train as `cfg` says; returns the paths written, the last log record, the images skipped, and the
     evaluation (synthetic data). `given`: the settings named on the command line (for --resume checks);
-    by default those that differ from TrainConfig's defaults."""
-    run = setup(cfg, given if given is not None else given_flags(cfg))
+    by default those that differ from TrainConfig's defaults. Holds --out-dir's lock throughout; a SIGTERM or
+    Ctrl-C during the steps writes a checkpoint and exits (SystemExit 143 or 130)."""
+    with OutDirLock(cfg.out_dir, "--out-dir", enabled=int(os.environ.get("RANK", "0")) == 0):
+        run = setup(cfg, given if given is not None else given_flags(cfg))
+        with StopSignals() as stop:
+            result = train_steps(run, stop)
+        return finish(run, result)
+
+
+def train_steps(run: Run, stop: StopSignals) -> dict:
+    """The optimizer steps, with their log lines and checkpoints; returns the step reached, the last log record
+    and the images skipped."""
     ckpt_path, log_path = run.out_dir / "checkpoint.pt", run.out_dir / "log.jsonl"
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, checked at log time only
     done, last, last_out, skipped, empty_steps, window_images, window_start = run.start_step, {}, None, 0, 0, 0, time.time()
@@ -401,6 +425,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
         done = step + 1
         progress.update(1)
         at_log = done % run.cfg.log_interval == 0 or done % run.cfg.ckpt_interval == 0 or done == run.stop_step
+        stopping = stop.should_stop(run.world, run.device, at_log)
         if at_log and last_out is not None:  # (nothing to log before the first readable batch)
             if bad_step.item() >= 0:  # the one host sync of the step, at logging time
                 kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
@@ -408,16 +433,25 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
             last = log_record(run, done, last_out, window_images, time.time() - window_start, skipped)
             window_images, window_start = 0, time.time()
             if run.is_main:
-                with open(log_path, "a") as log:
-                    log.write(json.dumps(last) + "\n")
+                append_line(log_path, json.dumps(last))
                 progress.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}")
-        if run.is_main and (done % run.cfg.ckpt_interval == 0 or done == run.stop_step):
+        if run.is_main and (done % run.cfg.ckpt_interval == 0 or done == run.stop_step or stopping):
             save_checkpoint(ckpt_path, checkpoint_state(run, done))
+        if stopping:
+            progress.close()
+            if run.is_main:
+                print(f"stopped at step {done}; continue with: python train.py --resume {ckpt_path}")
+            raise SystemExit(stop.exit_code)
     progress.close()
+    return {"step": done, "last": last, "skipped": skipped}
+
+
+def finish(run: Run, steps: dict) -> dict:
+    """The loss curve, and the evaluation at the end of a complete synthetic run."""
+    ckpt_path, log_path = run.out_dir / "checkpoint.pt", run.out_dir / "log.jsonl"
     if run.is_main and log_path.exists():
         plot_losses(log_path, run.out_dir / "loss.png")
-    result = {"checkpoint": str(ckpt_path), "log": str(log_path), "plot": str(run.out_dir / "loss.png"),
-              "step": done, "last": last, "skipped": skipped}
+    result = {"checkpoint": str(ckpt_path), "log": str(log_path), "plot": str(run.out_dir / "loss.png"), **steps}
     if run.is_main and run.cfg.eval and run.cfg.data == "synthetic" and result["step"] == run.total_steps:
         result["eval"] = evaluate_at_end(run)
     if run.world > 1:

@@ -24,7 +24,6 @@ resumes from its checkpoint.
 """
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -38,9 +37,10 @@ from eval_zeroshot import PHRASES, evaluate_grounding, zero_shot_predictions
 from maco import load
 from train import RECIPES, TrainConfig, train
 from util import eval_datasets
-from util.checkpoint import check_writable, write_atomic, write_json
+from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import macro_auc
+from util.run_guard import OutDirLock
 
 VARIANTS = {  # model settings of each variant, on top of the recipe's preset
     "clip": dict(mask_ratio=0.0, correlation_weighting=False),
@@ -91,7 +91,8 @@ def train_variant(cfg: AblateConfig, variant: str, seed: int, run_dir: Path) -> 
         train(TrainConfig(resume=str(checkpoint), **common), given=set())
         return checkpoint
     quick = dict(epochs=1, batch_size=16, synthetic_studies=400) if cfg.quick else {}
-    train(TrainConfig(root=cfg.root, seed=seed, model=VARIANTS[variant], **quick, **common))
+    # overwrite: a run killed before its first checkpoint left only a log; it starts again
+    train(TrainConfig(root=cfg.root, seed=seed, model=VARIANTS[variant], overwrite=True, **quick, **common))
     return checkpoint
 
 
@@ -277,7 +278,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
         if not path.exists():
             checkpoint = train_variant(cfg, variant, seed, out_dir / "runs" / f"{variant}-seed{seed}")
             write_json(score_variant(cfg, variant, checkpoint), path)
-        scores.setdefault(variant, []).append(json.loads(path.read_text()))
+        scores.setdefault(variant, []).append(read_json(path))
     summary = summarise(scores, cfg.n_boot)
     summary.update(config=dataclasses.asdict(cfg), recipe=RECIPES["synthetic"], seconds=round(time.time() - start))
     write_json(summary, out_dir / "results.json")
@@ -292,8 +293,14 @@ def run_ablation(cfg: AblateConfig) -> dict:
     return summary
 
 
+def run_alone(cfg: AblateConfig) -> None:
+    """run_ablation, holding --out-dir's lock: a second ablation on the same folder stops at once."""
+    with OutDirLock(cfg.out_dir, "--out-dir"):
+        run_ablation(cfg)
+
+
 def main(argv=None) -> int:
-    return run_script(AblateConfig, lambda cfg: run_ablation(cfg) and None, argv, __doc__)
+    return run_script(AblateConfig, run_alone, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ import re
 import sys
 import typing
 
+from util.checkpoint import WriteError
+
 
 def option(default, help: str, *, choices=None, minimum=None, maximum=None, below=None, above=None):
     """A dataclass field with its help text and allowed values (checked by check_options)."""
@@ -160,12 +162,16 @@ def given_flags(config, argv: list[str] | None = None) -> set[str]:
 
 def run_script(cls, body, argv=None, description: str = "", commands: list[str] | None = None,
                errors: tuple = (FileNotFoundError, ValueError)) -> int:
-    """A script's main: parse argv into `cls`, call body(config) and return its exit code (None = 0). A bad flag
-    or one of `errors` prints `error: <message>` (no traceback) and returns 2; --help returns 0."""
+    """A script's main: parse argv into `cls`, call body(config) and return its exit code (None = 0). A bad flag,
+    one of `errors` or a failed write (WriteError: a full disk) prints `error: <message>` (no traceback) and
+    returns 2; --help returns 0; Ctrl-C returns 130."""
     try:
         return body(parse_config(cls, argv, description, commands)) or 0
-    except SystemExit as exit:  # argparse has printed the usage and the message
+    except SystemExit as exit:  # argparse has printed the usage and the message, or a run stopped on a signal
         return exit.code
-    except errors as error:
+    except (WriteError, *errors) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
