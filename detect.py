@@ -486,9 +486,9 @@ def format_table(results: list[dict]) -> str:
     return "\n\n".join(blocks)
 
 
-def plot_examples(rows: list, path, min_score: float = 0.5) -> None:
+def plot_examples(rows: list, path, top: int = 3) -> None:
     """A row per run [(title, input size, [(item, true boxes (K, 4), boxes (N, 4), scores (N,))])]: each test
-    image letterboxed, its true boxes in green, predicted boxes scoring >= min_score in red with their score.
+    image letterboxed, its true boxes in green, its `top` highest-scoring predicted boxes in red with their score.
     A bare Figure, not pyplot."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -502,14 +502,13 @@ def plot_examples(rows: list, path, min_score: float = 0.5) -> None:
             axis = axes[row, column]
             with Image.open(item.path) as image:
                 axis.imshow(resize_to_square(image, size), cmap="gray", vmin=0, vmax=255)
-            for (x1, y1, x2, y2), colour in [(box, "lime") for box in truth] + [
-                    (box, "red") for box, score in zip(boxes, scores) if score >= min_score]:
-                axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1))
-            for (x1, y1, _, _), score in zip(boxes, scores):
-                if score >= min_score:
-                    axis.text(x1, y1, f"{score:.2f}", color="red", fontsize=5, va="bottom")
+            for x1, y1, x2, y2 in truth:
+                axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1))
+            for (x1, y1, x2, y2), score in list(zip(boxes, scores))[:top]:  # scores come sorted, highest first
+                axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", linewidth=0.8))
+                axis.text(x1, y1, f"{score:.2f}", color="red", fontsize=5, va="bottom")
         axes[row, 0].set_title(title, fontsize=7, loc="left")
-    figure.suptitle(f"test images: true boxes (green), predicted with score >= {min_score} (red)", fontsize=8)
+    figure.suptitle(f"test images: true boxes (green), the {top} highest-scoring predictions (red)", fontsize=8)
     figure.tight_layout()
     write_atomic(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
 
