@@ -7,14 +7,21 @@ patch grid (as the released UPerNet segmentation and ViTDet detection read MaCo'
   ViTBackbone         images (B, C, H, W) -> [(B, D, H/p, W/p) after each requested block]
   layer_decay_groups  AdamW parameter groups with layer-wise learning-rate decay (BEiT / MAE practice)
 
+and the choice of encoders a fine-tuning script compares (finetune.py, segment.py, detect.py): the pretrained one
+(`--ckpt`: a train.py checkpoint or the released maco.pth; `--init`: MAE's ImageNet weights) against a random one of
+the same shape (`--scratch`).
+
 vit.py keeps its position embeddings in a fixed, persistent buffer (2-D sine-cosine, or whatever table a checkpoint
 brought), so resizing replaces that buffer with the interpolated one: still a buffer, still saved with the weights.
 """
+
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from maco import PRESETS, MaCo, MaCoConfig, load
 from vit import VisionTransformer
 
 RELEASED_BLOCKS = (3, 5, 7, 11)  # the released out_indices of ViT-B's 12 blocks (blocks 4, 6, 8 and 12)
@@ -130,3 +137,65 @@ def layer_decay_groups(encoder: VisionTransformer, others: nn.Module, weight_dec
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return [groups[key] for key in sorted(groups)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which encoders a fine-tuning script compares
+
+DEFAULT_CKPT = "runs/maco/checkpoint.pt"  # what `python train.py` writes
+
+
+def new_encoder(cfg: MaCoConfig) -> VisionTransformer:
+    return VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.width, cfg.depth, cfg.num_heads,
+                             cfg.mlp_ratio)
+
+
+def preset_name(cfg: MaCoConfig) -> str:
+    keys = ("img_size", "patch_size", "in_chans", "width", "depth", "num_heads")
+    return next((name for name in PRESETS if all(getattr(MaCoConfig.preset(name), k) == getattr(cfg, k)
+                                                  for k in keys)), "custom")
+
+
+def check_encoder_flags(cfg, groups: dict) -> None:
+    """The flags that choose the encoder, and --label-fraction, checked together (a script config's __post_init__;
+    `groups`: recipe name -> the recipes it runs)."""
+    if cfg.ckpt and cfg.init:
+        raise ValueError("pass --ckpt or --init, not both: they are two ways to initialise the encoder")
+    if cfg.scratch and (cfg.ckpt or cfg.init):
+        raise ValueError("--scratch initialises the encoder randomly; drop --ckpt/--init (or use --no-scratch)")
+    if cfg.label_fraction is not None and cfg.recipe in groups:
+        raise ValueError(f"--label-fraction applies to one recipe (e.g. {groups[cfg.recipe][1]}), "
+                         f"not to --recipe {cfg.recipe}, which runs {', '.join(groups[cfg.recipe])}")
+
+
+def encoders_to_compare(setting) -> list[dict]:
+    """[{name, label, encoder, cfg}] in table order, for a dense task's config `setting` (segment.py, detect.py): the
+    --ckpt (or --init) encoder unless --scratch, then a random encoder of the same shape unless --no-scratch
+    (setting.scratch None: both). A checkpoint of another preset than the recipe's is an error."""
+    inits = []
+    if not setting.scratch:
+        if setting.init:
+            cfg = MaCoConfig.preset(setting.preset)
+            model, _ = load(setting.init, into=MaCo(cfg))
+            inits.append(dict(name="mae", label=f"MAE {setting.preset}", encoder=model.image_encoder, cfg=cfg))
+        elif not setting.ckpt:
+            raise ValueError(f"--recipe {setting.recipe}: pass --ckpt, --init or --scratch")
+        elif not Path(setting.ckpt).is_file():
+            hint = "run `python train.py` first (it trains the tiny MaCo), " if setting.ckpt == DEFAULT_CKPT else ""
+            raise FileNotFoundError(f"no checkpoint at {setting.ckpt}: {hint}or pass --ckpt PATH, --init PATH or --scratch")
+        else:
+            model, _ = load(setting.ckpt, setting.tokenizer or None)
+            encoder, cfg = model.image_encoder, model.cfg
+            if preset_name(cfg) != setting.preset:
+                raise ValueError(f"--ckpt {setting.ckpt} is a {preset_name(cfg)} model, but --recipe {setting.recipe} uses the "
+                                 f"{setting.preset} preset: pass a {setting.preset} checkpoint, or --preset "
+                                 f"{preset_name(cfg)} with an --img-size and head widths to suit it")
+            inits.append(dict(name="maco", label=f"MaCo {setting.preset}", encoder=encoder, cfg=cfg))
+    if setting.scratch is not False:
+        cfg = inits[0]["cfg"] if inits else MaCoConfig.preset(setting.preset)
+        torch.manual_seed(setting.seed)
+        inits.append(dict(name="scratch", label=f"scratch {preset_name(cfg)}", encoder=new_encoder(cfg), cfg=cfg))
+    patch = inits[0]["cfg"].patch_size
+    if setting.img_size % patch:
+        raise ValueError(f"--img-size {setting.img_size} is not a multiple of the encoder's patch size {patch}")
+    return inits

@@ -37,11 +37,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from backbone import ViTBackbone, layer_decay_groups, resize_pos_embed
+from backbone import ViTBackbone, check_encoder_flags, encoders_to_compare, layer_decay_groups, resize_pos_embed
 from data import IMAGE_MEAN, IMAGE_STD, check_root, read_csv, resize_to_square
 from finetune import EndlessPermutations, label_subset
 from maco import PRESETS
-from segment import initialisations
 from util import eval_datasets
 from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
@@ -124,13 +123,7 @@ class DetectConfig:
 
     def __post_init__(self):
         check_options(self)
-        if self.ckpt and self.init:
-            raise ValueError("pass --ckpt or --init, not both: they are two ways to initialise the encoder")
-        if self.scratch and (self.ckpt or self.init):
-            raise ValueError("--scratch initialises the encoder randomly; drop --ckpt/--init (or use --no-scratch)")
-        if self.label_fraction is not None and self.recipe in GROUPS:
-            raise ValueError(f"--label-fraction applies to one recipe (e.g. {GROUPS[self.recipe][1]}), not to "
-                             f"--recipe {self.recipe}")
+        check_encoder_flags(self, GROUPS)
         if self.min_scale > self.max_scale:
             raise ValueError(f"--min-scale {self.min_scale} is above --max-scale {self.max_scale}")
 
@@ -437,7 +430,7 @@ def run_experiment(cfg: DetectConfig) -> dict:
     out_dir = check_writable(cfg.out_dir, "--out-dir")
     if cfg.figure:
         check_writable(Path(cfg.figure).parent, "--figure")
-    inits = initialisations(runs[0])
+    inits = encoders_to_compare(runs[0])
     results, examples = [], []
     for run in runs:
         data = load_data(run)

@@ -36,6 +36,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from backbone import check_encoder_flags, new_encoder, preset_name
 from data import grey_8bit, to_model_input
 from eval_zeroshot import plot_roc
 from maco import PRESETS, MaCo, MaCoConfig, load
@@ -120,13 +121,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         check_options(self)
-        if self.ckpt and self.init:
-            raise ValueError("pass --ckpt or --init, not both: they are two ways to initialise the encoder")
-        if self.scratch and (self.ckpt or self.init):
-            raise ValueError("--scratch initialises the encoder randomly; drop --ckpt/--init (or use --no-scratch)")
-        if self.label_fraction is not None and self.recipe in GROUPS:
-            raise ValueError(f"--label-fraction applies to one recipe (e.g. {GROUPS[self.recipe][1]}), "
-                             f"not to --recipe {self.recipe}, which runs {', '.join(GROUPS[self.recipe])}")
+        check_encoder_flags(self, GROUPS)
 
 
 def resolve(cfg: FinetuneConfig) -> list[FinetuneConfig]:
@@ -273,17 +268,6 @@ class Classifier(nn.Module):
 
     def forward(self, images):
         return self.head(self.features(images))
-
-
-def new_encoder(cfg: MaCoConfig) -> VisionTransformer:
-    return VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.width, cfg.depth, cfg.num_heads,
-                             cfg.mlp_ratio)
-
-
-def preset_name(cfg: MaCoConfig) -> str:
-    keys = ("img_size", "patch_size", "in_chans", "width", "depth", "num_heads")
-    return next((name for name in PRESETS if all(getattr(MaCoConfig.preset(name), k) == getattr(cfg, k)
-                                                  for k in keys)), "custom")
 
 
 def initialisations(setting: FinetuneConfig) -> list[dict]:

@@ -32,10 +32,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from backbone import ViTBackbone, block_indices_for, layer_decay_groups, resize_pos_embed
+from backbone import (
+    ViTBackbone,
+    block_indices_for,
+    check_encoder_flags,
+    encoders_to_compare,
+    layer_decay_groups,
+    resize_pos_embed,
+)
 from data import read_csv
-from finetune import EndlessPermutations, label_subset, new_encoder, preset_name
-from maco import PRESETS, MaCo, MaCoConfig, load
+from finetune import EndlessPermutations, label_subset
+from maco import PRESETS
 from util import eval_datasets
 from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
@@ -103,13 +110,7 @@ class SegmentConfig:
 
     def __post_init__(self):
         check_options(self)
-        if self.ckpt and self.init:
-            raise ValueError("pass --ckpt or --init, not both: they are two ways to initialise the encoder")
-        if self.scratch and (self.ckpt or self.init):
-            raise ValueError("--scratch initialises the encoder randomly; drop --ckpt/--init (or use --no-scratch)")
-        if self.label_fraction is not None and self.recipe in GROUPS:
-            raise ValueError(f"--label-fraction applies to one recipe (e.g. {GROUPS[self.recipe][1]}), not to "
-                             f"--recipe {self.recipe}")
+        check_encoder_flags(self, GROUPS)
 
 
 def resolve(cfg: SegmentConfig) -> list[SegmentConfig]:
@@ -376,39 +377,6 @@ def segmentation_loss(logits, target, focal_weight: float = 2.0, dice_weight: fl
 # ----------------------------------------------------------------------------------------------------------
 # Encoders, the schedule, one training loop with validation-based selection
 
-def initialisations(run: SegmentConfig) -> list[dict]:
-    """[{name, label, encoder, cfg}] in table order: the --ckpt (or --init) encoder unless --scratch, then a random
-    encoder of the same shape unless --no-scratch (run.scratch None: both)."""
-    inits = []
-    if not run.scratch:
-        if run.init:
-            cfg = MaCoConfig.preset(run.preset)
-            model, _ = load(run.init, into=MaCo(cfg))
-            inits.append(dict(name="mae", label=f"MAE {run.preset}", encoder=model.image_encoder, cfg=cfg))
-        elif not run.ckpt:
-            raise ValueError(f"--recipe {run.recipe}: pass --ckpt, --init or --scratch")
-        elif not Path(run.ckpt).is_file():
-            hint = "run `python train.py` first (it trains the tiny MaCo), " if run.ckpt == SETTINGS["synthetic"][
-                "ckpt"] else ""
-            raise FileNotFoundError(f"no checkpoint at {run.ckpt}: {hint}or pass --ckpt PATH, --init PATH or --scratch")
-        else:
-            model, _ = load(run.ckpt, run.tokenizer or None)
-            encoder, cfg = model.image_encoder, model.cfg
-            if preset_name(cfg) != run.preset:
-                raise ValueError(f"--ckpt {run.ckpt} is a {preset_name(cfg)} model, but --recipe {run.recipe} uses the "
-                                 f"{run.preset} preset: pass a {run.preset} checkpoint, or --preset "
-                                 f"{preset_name(cfg)} with an --img-size and head widths to suit it")
-            inits.append(dict(name="maco", label=f"MaCo {run.preset}", encoder=encoder, cfg=cfg))
-    if run.scratch is not False:
-        cfg = inits[0]["cfg"] if inits else MaCoConfig.preset(run.preset)
-        torch.manual_seed(run.seed)
-        inits.append(dict(name="scratch", label=f"scratch {preset_name(cfg)}", encoder=new_encoder(cfg), cfg=cfg))
-    patch = inits[0]["cfg"].patch_size
-    if run.img_size % patch:
-        raise ValueError(f"--img-size {run.img_size} is not a multiple of the encoder's patch size {patch}")
-    return inits
-
-
 def lr_at(iteration: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate at 0-based `iteration` (mmcv's poly policy, power 1, min 0, linear warm-up ratio 1e-6):
     peak (1 - i / total), scaled by 1 - (1 - i / warmup)(1 - 1e-6) during the warm-up."""
@@ -533,7 +501,7 @@ def run_experiment(cfg: SegmentConfig) -> dict:
     out_dir = check_writable(cfg.out_dir, "--out-dir")
     if cfg.figure:
         check_writable(Path(cfg.figure).parent, "--figure")
-    inits = initialisations(runs[0])
+    inits = encoders_to_compare(runs[0])
     masks, results, examples = {}, [], {}
     for run in runs:
         data = load_data(run)

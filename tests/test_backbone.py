@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from backbone import ViTBackbone, block_indices_for, layer_decay_groups, pos_embed_grid, resize_pos_embed
-from finetune import new_encoder
+from backbone import ViTBackbone, block_indices_for, layer_decay_groups, new_encoder, pos_embed_grid, resize_pos_embed
 from maco import MaCoConfig
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import detect as dt
-from finetune import new_encoder
+from backbone import new_encoder
 from fixtures_eval import write_text
 from maco import MaCoConfig
 from test_finetune import write_train_checkpoint

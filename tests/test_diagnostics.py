@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)
 
+from test_eval_zeroshot import tiny_model  # noqa: F401 (a fixture)
 from tools import diagnostics
 from util import eval_datasets
 

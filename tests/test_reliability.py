@@ -29,7 +29,6 @@ from tools import ablate
 from util import checkpoint as files
 from util.run_guard import OutDirLock, StopSignals
 
-
 # ----------------------------------------------------------------------------------------------------------
 # SIGTERM and Ctrl-C
 

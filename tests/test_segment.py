@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 
 import segment as sg
-from backbone import layer_decay_groups
-from finetune import new_encoder
+from backbone import encoders_to_compare, layer_decay_groups, new_encoder
 from fixtures_eval import write_text
 from maco import MaCoConfig
 from test_finetune import write_train_checkpoint
@@ -262,7 +261,7 @@ def test_an_input_size_not_divisible_by_the_patch_size_is_a_clear_error(tmp_path
 def test_the_checkpoint_and_a_random_encoder_of_its_shape_are_compared(tmp_path):
     write_train_checkpoint(tmp_path / "maco.pt")
     run = sg.resolve(sg.SegmentConfig(recipe="synthetic-1", ckpt=str(tmp_path / "maco.pt")))[0]
-    inits = sg.initialisations(run)
+    inits = encoders_to_compare(run)
     assert [init["name"] for init in inits] == ["maco", "scratch"]
     assert inits[0]["cfg"] == inits[1]["cfg"]
     pretrained, scratch = (init["encoder"].state_dict() for init in inits)
