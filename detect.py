@@ -45,7 +45,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import autocast, pick_device
-from util.metrics import box_ap_metrics
+from util.metrics import box_ap_metrics, interval_table
 
 # (peak lr, iterations, warm-up iterations, validation interval) per percentage of the training images: the released
 # ViTDet config (5e-4 at 1% and 10%, 3e-4 at 100%; 5,600 iterations; validation every 560, as its eval_period);
@@ -460,25 +460,6 @@ def run_experiment(cfg: DetectConfig) -> dict:
 METRIC_NAMES = {"ap": "AP (IoU 0.50:0.95)", "ap50": "AP50", "ap75": "AP75"}
 
 
-def format_table(results: list[dict]) -> str:
-    """Test box AP (%) with bootstrap 95% intervals: a block per metric, a row per initialisation, a column per
-    fraction of the training images."""
-    columns = sorted({(r["data"], r["label_fraction"]) for r in results})
-    labels = list(dict.fromkeys(r["init_label"] for r in results))
-    width = max(map(len, labels + list(METRIC_NAMES.values()))) + 6
-    blocks = []
-    for metric, title in METRIC_NAMES.items():
-        rows = [f"{title + ' (%)':<{width}}" + "".join(f"{f'{data} {100 * f:g}%':>22}" for data, f in columns)]
-        for label in labels:
-            cells = {(r["data"], r["label_fraction"]): r["test"] for r in results if r["init_label"] == label}
-            rows.append(f"{label:<{width}}" + "".join(
-                f"{100 * cells[c][metric]:.1f} [{100 * cells[c][metric + '_ci95'][0]:.1f}, "
-                f"{100 * cells[c][metric + '_ci95'][1]:.1f}]".rjust(22) if c in cells else f"{'-':>22}"
-                for c in columns))
-        blocks.append("\n".join(rows))
-    return "\n\n".join(blocks)
-
-
 def plot_examples(rows: list, path, top: int = 3) -> None:
     """A row per run [(title, input size, [(item, true boxes (K, 4), boxes (N, 4), scores (N,))])]: each test
     image letterboxed, its true boxes in green, its `top` highest-scoring predicted boxes in red with their score.
@@ -509,7 +490,7 @@ def plot_examples(rows: list, path, top: int = 3) -> None:
 def main(argv=None) -> int:
     def body(cfg: DetectConfig) -> None:
         summary = run_experiment(cfg)
-        print("\n" + format_table(summary["runs"]))
+        print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights "
               f"under {cfg.out_dir}, and {', '.join(summary['figures'])}")
     return run_script(DetectConfig, body, argv, __doc__)

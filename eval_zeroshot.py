@@ -408,7 +408,7 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     return results
 
 
-def format_table(results: dict) -> str:
+def format_results(results: dict) -> str:
     lines = []
     if "zero_shot" in results:
         zs = results["zero_shot"]
@@ -450,7 +450,7 @@ def phrase_specificity_table(grounding: dict) -> str:
 
 def evaluate_command(cfg: EvalConfig) -> None:
     results = run_evaluation(cfg)
-    print(format_table(results))
+    print(format_results(results))
     print(f"\nwrote {Path(cfg.out) / 'metrics.json'} and the plots beside it")
 
 

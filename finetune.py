@@ -533,7 +533,7 @@ def series(results: list[dict]) -> dict:
     return lines
 
 
-def format_table(results: list[dict]) -> str:
+def auc_table(results: list[dict]) -> str:
     """Test macro AUC (%) with its bootstrap 95% interval: a row per initialisation and mode, a column per label
     fraction of each data set (the layout of the paper's Table 1)."""
     lines = series(results)
@@ -583,7 +583,7 @@ def main(argv=None) -> int:
 def run_and_print(cfg: FinetuneConfig) -> int:
     with OutDirLock(cfg.out_dir, "--out-dir"):  # a second finetune.py on the same folder stops at once
         summary = run_experiment(cfg)
-    print("\n" + format_table(summary["runs"]))
+    print("\n" + auc_table(summary["runs"]))
     print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and ROC "
           f"curves under {cfg.out_dir}" + (f", and {summary['figure']}" if summary["figure"] else ""))
     return 0

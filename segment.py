@@ -47,7 +47,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import autocast, pick_device
-from util.metrics import dice_scores, overlap_counts, segmentation_metrics
+from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
 
 # (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
 # released configs for SIIM (batch 8 = 4 GPUs x 2); the synthetic world's fit the default run into 10 CPU minutes.
@@ -565,25 +565,6 @@ METRIC_NAMES = {"med_dice": "per-image Dice (medDice)", "pooled_dice": "pooled D
                 "Dice, positive images"}
 
 
-def format_table(results: list[dict]) -> str:
-    """Test Dice (%) with bootstrap 95% intervals: a block per metric, a row per initialisation, a column per label
-    fraction."""
-    columns = sorted({(r["data"], r["label_fraction"]) for r in results})
-    labels = list(dict.fromkeys(r["init_label"] for r in results))
-    width = max(map(len, labels + list(METRIC_NAMES.values()))) + 2
-    blocks = []
-    for metric, title in METRIC_NAMES.items():
-        rows = [f"{title + ' (%)':<{width}}" + "".join(f"{f'{data} {100 * f:g}%':>22}" for data, f in columns)]
-        for label in labels:
-            cells = {(r["data"], r["label_fraction"]): r["test"] for r in results if r["init_label"] == label}
-            rows.append(f"{label:<{width}}" + "".join(
-                f"{100 * cells[c][metric]:.1f} [{100 * cells[c][metric + '_ci95'][0]:.1f}, "
-                f"{100 * cells[c][metric + '_ci95'][1]:.1f}]".rjust(22) if c in cells else f"{'-':>22}"
-                for c in columns))
-        blocks.append("\n".join(rows))
-    return "\n\n".join(blocks)
-
-
 def draw_overlay(axis, image, truth, prediction) -> None:
     """The grey image with the true mask's outline in green and the predicted mask in translucent red."""
     axis.imshow(image, cmap="gray")
@@ -638,7 +619,7 @@ def plot_summary(results: list[dict], examples: dict, path) -> None:
 def main(argv=None) -> int:
     def body(cfg: SegmentConfig) -> None:
         summary = redraw(cfg) if cfg.redraw else run_experiment(cfg)
-        print("\n" + format_table(summary["runs"]))
+        print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and "
               f"overlays under {cfg.out_dir}, and {', '.join(summary['figures'])}")
     return run_script(SegmentConfig, body, argv, __doc__)

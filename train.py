@@ -380,11 +380,11 @@ def plot_losses(log_path: Path, out_path: Path) -> None:
 
 def evaluate_at_end(run: Run) -> dict:
     """Zero-shot classification and grounding on the synthetic test split, written to <out_dir>/eval."""
-    from eval_zeroshot import EvalConfig, format_table, run_evaluation
+    from eval_zeroshot import EvalConfig, format_results, run_evaluation
     eval_cfg = EvalConfig(ckpt=str(run.out_dir / "checkpoint.pt"), data="synthetic", root=run.cfg.root,
                           out=str(run.out_dir / "eval"), device=str(run.device))
     results = run_evaluation(eval_cfg, run.model.eval(), run.tokenizer)
-    print(format_table(results))
+    print(format_results(results))
     return results
 
 

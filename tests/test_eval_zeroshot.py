@@ -624,7 +624,7 @@ def test_grounding_scores_each_pair_with_its_own_a_swapped_and_an_empty_phrase_f
     for rows in (result["swapped"], result["prior_only"], *(result["other_readout"][c] for c in ("true", "swapped", "prior_only"))):
         assert rows["n_pairs"] == result["n_pairs"] == 3
     assert result["swapped"]["same_image_fraction"] == pytest.approx(2 / 3)  # the Pneumonia / Effusion image
-    table = ez.format_table({"grounding": result})
+    table = ez.format_results({"grounding": result})
     assert "another finding's phrase" in table and "empty phrase (prior only)" in table and "(the rows above)" in table
     cosine = ez.evaluate_grounding(model, tokenizer, dataset, readout="cosine")
     assert cosine["overall"] == result["other_readout"]["true"]["overall"]

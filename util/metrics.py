@@ -311,3 +311,23 @@ def pointing_game(heatmap, box_mask) -> float:
     """1 if any pixel attaining the map's maximum lies in the box region, else 0."""
     heat, inside = to_numpy(heatmap), to_numpy(box_mask).astype(bool)
     return float(inside[heat == heat.max()].any())
+
+
+def interval_table(results: list[dict], metric_names: dict[str, str]) -> str:
+    """Test metrics (%) with their bootstrap 95% intervals, as segment.py and detect.py print them: a block per metric
+    (`metric_names`: key in each result's "test" dict -> title), a row per initialisation, a column per (data set,
+    label fraction)."""
+    columns = sorted({(r["data"], r["label_fraction"]) for r in results})
+    labels = list(dict.fromkeys(r["init_label"] for r in results))
+    width = max(map(len, labels + list(metric_names.values()))) + 6
+    blocks = []
+    for metric, title in metric_names.items():
+        rows = [f"{title + ' (%)':<{width}}" + "".join(f"{f'{data} {100 * f:g}%':>22}" for data, f in columns)]
+        for label in labels:
+            cells = {(r["data"], r["label_fraction"]): r["test"] for r in results if r["init_label"] == label}
+            rows.append(f"{label:<{width}}" + "".join(
+                f"{100 * cells[c][metric]:.1f} [{100 * cells[c][metric + '_ci95'][0]:.1f}, "
+                f"{100 * cells[c][metric + '_ci95'][1]:.1f}]".rjust(22) if c in cells else f"{'-':>22}"
+                for c in columns))
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks)
