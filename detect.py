@@ -136,12 +136,12 @@ def resolve(cfg: DetectConfig) -> list[DetectConfig]:
         filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
         if cfg.init or cfg.scratch:
             filled.pop("ckpt", None)
-        run = dataclasses.replace(cfg, recipe=name, **filled)
-        if not run.root:
+        setting = dataclasses.replace(cfg, recipe=name, **filled)
+        if not setting.root:
             raise ValueError(f"--recipe {name} needs --root, the RSNA folder ({LABELS_CSV} and the images)")
-        if recipe["data"] == "synthetic" and run.split_dir:
+        if recipe["data"] == "synthetic" and setting.split_dir:
             raise ValueError("--split-dir is for RSNA; the synthetic world has its own split")
-        runs.append(run)
+        runs.append(setting)
     return runs
 
 
@@ -155,13 +155,13 @@ def hash_split(patient_id: str) -> str:
     return "train" if u < 0.7 else "validate" if u < 0.8 else "test"
 
 
-def split_ids(run: DetectConfig, root: Path, boxes: dict) -> dict[str, list[str]]:
+def split_ids(setting: DetectConfig, root: Path, boxes: dict) -> dict[str, list[str]]:
     """{train, val, test: patientIds}: the --split-dir lists, or else the synthetic world's own split or the hash."""
-    if run.split_dir:
+    if setting.split_dir:
         ids = {}
-        for name, file in (("train", eval_datasets.TRAIN_FILES.get(run.label_fraction, "train_list")),
+        for name, file in (("train", eval_datasets.TRAIN_FILES.get(setting.label_fraction, "train_list")),
                            ("val", "val_list"), ("test", "test_list")):
-            path = eval_datasets.split_path(run.split_dir, "rsna", file)
+            path = eval_datasets.split_path(setting.split_dir, "rsna", file)
             ids[name] = [Path(image).stem for image, _ in eval_datasets.read_split_file(path, 1)]
             unknown = [i for i in ids[name] if i not in boxes]
             if unknown:
@@ -170,32 +170,32 @@ def split_ids(run: DetectConfig, root: Path, boxes: dict) -> dict[str, list[str]
                                  f"stage_2_test_images, which have none)")
         return ids
     split_of = hash_split
-    if RECIPES[run.recipe]["data"] == "synthetic":
+    if RECIPES[setting.recipe]["data"] == "synthetic":
         split_of = {row["dicom_id"]: row["split"] for row in read_csv(root / eval_datasets.SYNTHETIC_LABELS_CSV,
                                                                       ["dicom_id", "split"])}.get
     return {name: sorted(i for i in boxes if split_of(i) == split)
             for name, split in (("train", "train"), ("val", "validate"), ("test", "test"))}
 
 
-def load_data(run: DetectConfig) -> dict:
+def load_data(setting: DetectConfig) -> dict:
     """Training subset, validation and test items of one run."""
-    root = check_root(run.root, "detection data")
+    root = check_root(setting.root, "detection data")
     if not (root / LABELS_CSV).is_file() and (root / eval_datasets.SYNTHETIC_LABELS_CSV).is_file():
         raise FileNotFoundError(f"{root} is a synthetic world without detection boxes ({LABELS_CSV}; worlds written "
                                 f"before detect.py lack it): regenerate it with `python -m world.synthetic --out {root} "
                                 f"--overwrite` (and the --studies, --seed, --image-size it had)")
     boxes = eval_datasets.read_box_labels(root / LABELS_CSV)
     images, dicoms = eval_datasets.index_images(root)
-    ids = split_ids(run, root, boxes)
+    ids = split_ids(setting, root, boxes)
     data = {name: eval_datasets.boxed_images(ids[name], boxes, images, dicoms, f"{name} split of {root}")
             for name in ids}
-    for name in ("val", "test") if run.train_negatives else ("train", "val", "test"):  # as released: positives only
+    for name in ("val", "test") if setting.train_negatives else ("train", "val", "test"):  # as released: positives only
         data[name] = [item for item in data[name] if len(item.boxes)]
     empty = [name for name in data if not data[name]]
     if empty:
         raise ValueError(f"{root}: no image with a pneumonia box in the {' and '.join(empty)} split")
-    if not (run.split_dir and run.label_fraction in eval_datasets.TRAIN_FILES):  # else the list is the subset
-        data["train"] = [data["train"][i] for i in label_subset(len(data["train"]), run.label_fraction, run.seed)]
+    if not (setting.split_dir and setting.label_fraction in eval_datasets.TRAIN_FILES):  # else the list is the subset
+        data["train"] = [data["train"][i] for i in label_subset(len(data["train"]), setting.label_fraction, setting.seed)]
     return data
 
 
@@ -292,30 +292,30 @@ class SimpleFeaturePyramid(nn.Module):
         return maps
 
 
-def build_detector(encoder, run: DetectConfig, in_chans: int) -> FasterRCNN:
+def build_detector(encoder, setting: DetectConfig, in_chans: int) -> FasterRCNN:
     """Faster R-CNN (2 classes: background, pneumonia) on a fresh copy of the encoder, its position table
     interpolated to the input grid. Anchors 32..512 (one size per level, ratios 1:2, 1:1, 2:1) and the RoI level
     rule (a 224-pixel box to the stride-p level) scale with img_size / 1024. torchvision's own transform only
     normalises (the project's grey mean and std): min_size = max_size = img_size, the size the images already have."""
-    torch.manual_seed(run.seed)
+    torch.manual_seed(setting.seed)
     encoder = copy.deepcopy(encoder)
-    encoder.set_drop_path(run.drop_path)
-    if run.img_size % encoder.patch_size:
-        raise ValueError(f"--img-size {run.img_size} is not a multiple of the patch size {encoder.patch_size}")
-    grid = run.img_size // encoder.patch_size
+    encoder.set_drop_path(setting.drop_path)
+    if setting.img_size % encoder.patch_size:
+        raise ValueError(f"--img-size {setting.img_size} is not a multiple of the patch size {encoder.patch_size}")
+    grid = setting.img_size // encoder.patch_size
     resize_pos_embed(encoder, (grid, grid))
-    scale = run.img_size / RELEASED_INPUT
+    scale = setting.img_size / RELEASED_INPUT
     anchors = AnchorGenerator(tuple((size * scale,) for size in ANCHOR_SIZES), ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
     roi_align = MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=0, canonical_scale=224 * scale,
                                    canonical_level=round(math.log2(encoder.patch_size)))
-    return FasterRCNN(SimpleFeaturePyramid(encoder, run.pyramid_channels), min_size=run.img_size,
-                      max_size=run.img_size, image_mean=[IMAGE_MEAN] * in_chans, image_std=[IMAGE_STD] * in_chans,
+    return FasterRCNN(SimpleFeaturePyramid(encoder, setting.pyramid_channels), min_size=setting.img_size,
+                      max_size=setting.img_size, image_mean=[IMAGE_MEAN] * in_chans, image_std=[IMAGE_STD] * in_chans,
                       size_divisible=encoder.patch_size, rpn_anchor_generator=anchors, box_roi_pool=roi_align,
-                      box_head=TwoMLPHead(run.pyramid_channels * 7 * 7, run.box_head_width),
-                      box_predictor=FastRCNNPredictor(run.box_head_width, 2), box_detections_per_img=100,
-                      rpn_pre_nms_top_n_train=run.proposals, rpn_pre_nms_top_n_test=run.proposals,
-                      rpn_post_nms_top_n_train=run.proposals, rpn_post_nms_top_n_test=run.proposals,
-                      box_batch_size_per_image=run.rois_per_image)
+                      box_head=TwoMLPHead(setting.pyramid_channels * 7 * 7, setting.box_head_width),
+                      box_predictor=FastRCNNPredictor(setting.box_head_width, 2), box_detections_per_img=100,
+                      rpn_pre_nms_top_n_train=setting.proposals, rpn_pre_nms_top_n_test=setting.proposals,
+                      rpn_post_nms_top_n_train=setting.proposals, rpn_post_nms_top_n_test=setting.proposals,
+                      box_batch_size_per_image=setting.rois_per_image)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,18 +334,18 @@ def lr_factor(iteration: int, warmup_steps: int, total_steps: int, warmup_factor
     return cosine(iteration)
 
 
-def loader(dataset, batch_size: int, run: DetectConfig, device, sampler=None):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=run.workers,
+def loader(dataset, batch_size: int, setting: DetectConfig, device, sampler=None):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=setting.workers,
                                        collate_fn=collate, pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
-def predict(model: FasterRCNN, dataset: DetectionDataset, run: DetectConfig, device) -> list:
+def predict(model: FasterRCNN, dataset: DetectionDataset, setting: DetectConfig, device) -> list:
     """[(boxes (N, 4) (x1, y1, x2, y2), scores (N,))] per image of the dataset, N <= 100, in the S x S frame."""
     was_training = model.training
     model.eval()
     predictions = []
-    for images, _ in loader(dataset, run.batch_size, run, device):
+    for images, _ in loader(dataset, setting.batch_size, setting, device):
         with autocast(device):
             detections = model([image.to(device) for image in images])
         predictions += [(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy()) for d in detections]
@@ -357,18 +357,18 @@ def true_boxes(items: list[eval_datasets.BoxedImage], size: int) -> list[np.ndar
     return [letterboxed_boxes(item, size).numpy() for item in items]
 
 
-def fit(model: FasterRCNN, batches, run: DetectConfig, validate, device, desc: str) -> dict:
+def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, desc: str) -> dict:
     """AdamW with layer-wise lr decay on the sum of Faster R-CNN's four losses (RPN objectness and box, RoI class
-    and box). Validation AP at iteration 0, every run.eval_interval iterations and at the end; the best weights are
+    and box). Validation AP at iteration 0, every setting.eval_interval iterations and at the end; the best weights are
     loaded back. Returns {best_step, best_val_ap, losses (one per iteration), validations {step: AP}}."""
-    groups = layer_decay_groups(model.backbone.vit.encoder, model, run.weight_decay, run.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=(0.9, 0.999))
+    groups = layer_decay_groups(model.backbone.vit.encoder, model, setting.weight_decay, setting.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
     best = dict(best_step=0, best_val_ap=validate(), state=copy.deepcopy(model.state_dict()))
     validations, losses = {0: best["best_val_ap"]}, []
     model.train()
-    for step in range(1, run.steps + 1):
+    for step in range(1, setting.steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = run.lr * lr_factor(step - 1, run.warmup_steps, run.steps) * group["lr_scale"]
+            group["lr"] = setting.lr * lr_factor(step - 1, setting.warmup_steps, setting.steps) * group["lr_scale"]
         images, targets = next(batches)
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets]
@@ -378,7 +378,7 @@ def fit(model: FasterRCNN, batches, run: DetectConfig, validate, device, desc: s
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        if step % run.eval_interval == 0 or step == run.steps:
+        if step % setting.eval_interval == 0 or step == setting.steps:
             validations[step] = ap = validate()
             if ap > best["best_val_ap"] or math.isnan(best["best_val_ap"]):
                 best.update(best_step=step, best_val_ap=ap, state=copy.deepcopy(model.state_dict()))
@@ -387,38 +387,38 @@ def fit(model: FasterRCNN, batches, run: DetectConfig, validate, device, desc: s
     return dict(best, losses=[loss.item() for loss in losses], validations=validations)
 
 
-def run_dir(run: DetectConfig, init: dict) -> Path:
-    return Path(run.out_dir) / run.recipe / init["name"]
+def run_dir(setting: DetectConfig, init: dict) -> Path:
+    return Path(setting.out_dir) / setting.recipe / init["name"]
 
 
-def train_and_test(init: dict, data: dict, run: DetectConfig, device) -> tuple[dict, list]:
+def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tuple[dict, list]:
     """Fine-tune on the training subset, pick the best validation step, test it; returns (result, examples)."""
     began = time.time()
     in_chans = init["cfg"].in_chans
-    model = build_detector(init["encoder"], run, in_chans).to(device)
-    train_set = DetectionDataset(data["train"], run.img_size, in_chans, (run.min_scale, run.max_scale))
-    batch = min(run.batch_size, len(train_set))
-    batches = iter(loader(train_set, batch, run, device, EndlessPermutations(len(train_set), run.seed)))
-    val = DetectionDataset(data["val"], run.img_size, in_chans)
-    history = fit(model, batches, run, lambda: box_ap_metrics(predict(model, val, run, device),
-                                                              true_boxes(data["val"], run.img_size), 0)["ap"],
-                  device, f"{run.recipe} {init['name']}")
-    save_checkpoint(run_dir(run, init) / "best.pt", {
+    model = build_detector(init["encoder"], setting, in_chans).to(device)
+    train_set = DetectionDataset(data["train"], setting.img_size, in_chans, (setting.min_scale, setting.max_scale))
+    batch = min(setting.batch_size, len(train_set))
+    batches = iter(loader(train_set, batch, setting, device, EndlessPermutations(len(train_set), setting.seed)))
+    val = DetectionDataset(data["val"], setting.img_size, in_chans)
+    history = fit(model, batches, setting, lambda: box_ap_metrics(predict(model, val, setting, device),
+                                                              true_boxes(data["val"], setting.img_size), 0)["ap"],
+                  device, f"{setting.recipe} {init['name']}")
+    save_checkpoint(run_dir(setting, init) / "best.pt", {
         "detector": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
-        "detect_config": dataclasses.asdict(run), "init": init["label"], "step": history["best_step"]})
-    test_predictions = predict(model, DetectionDataset(data["test"], run.img_size, in_chans), run, device)
-    truths = true_boxes(data["test"], run.img_size)
-    test = box_ap_metrics(test_predictions, truths, run.n_boot, run.seed)
+        "detect_config": dataclasses.asdict(setting), "init": init["label"], "step": history["best_step"]})
+    test_predictions = predict(model, DetectionDataset(data["test"], setting.img_size, in_chans), setting, device)
+    truths = true_boxes(data["test"], setting.img_size)
+    test = box_ap_metrics(test_predictions, truths, setting.n_boot, setting.seed)
     examples = [(item, truth, *found) for item, truth, found in
-                zip(data["test"], truths, test_predictions)][:run.examples]
+                zip(data["test"], truths, test_predictions)][:setting.examples]
     losses = history["losses"]
-    result = dict(recipe=run.recipe, data=RECIPES[run.recipe]["data"], label_fraction=run.label_fraction,
+    result = dict(recipe=setting.recipe, data=RECIPES[setting.recipe]["data"], label_fraction=setting.label_fraction,
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(len(item.boxes)) for item in data["train"]),
                   train_boxes=sum(len(item.boxes) for item in data["train"]), val_images=len(data["val"]),
                   best_step=history["best_step"], val_ap=history["best_val_ap"], validations=history["validations"],
                   first_loss=losses[0] if losses else None, last_loss=float(np.mean(losses[-5:])) if losses else None,
-                  seconds=round(time.time() - began, 1), weights=str(run_dir(run, init) / "best.pt"), test=test)
+                  seconds=round(time.time() - began, 1), weights=str(run_dir(setting, init) / "best.pt"), test=test)
     return result, examples
 
 
@@ -432,18 +432,18 @@ def run_experiment(cfg: DetectConfig) -> dict:
         check_writable(Path(cfg.figure).parent, "--figure")
     inits = encoders_to_compare(runs[0])
     results, examples = [], []
-    for run in runs:
-        data = load_data(run)
-        print(f"{run.recipe}: {len(data['train'])} training images ({sum(len(i.boxes) for i in data['train'])} boxes), "
+    for setting in runs:
+        data = load_data(setting)
+        print(f"{setting.recipe}: {len(data['train'])} training images ({sum(len(i.boxes) for i in data['train'])} boxes), "
               f"{len(data['val'])} validation, {len(data['test'])} test images with pneumonia", flush=True)
         for init in inits:
-            result, shown = train_and_test(init, data, run, device)
+            result, shown = train_and_test(init, data, setting, device)
             test = result["test"]
-            print(f"{run.recipe:<16}{init['label']:<14} test AP {test['ap']:.3f} [{test['ap_ci95'][0]:.3f}, "
+            print(f"{setting.recipe:<16}{init['label']:<14} test AP {test['ap']:.3f} [{test['ap_ci95'][0]:.3f}, "
                   f"{test['ap_ci95'][1]:.3f}], AP50 {test['ap50']:.3f}  (best step {result['best_step']}, "
                   f"{result['seconds']:.0f} s)", flush=True)
             results.append(result)
-            examples.append((f"{init['label']}, {100 * run.label_fraction:g}%", run.img_size, shown))
+            examples.append((f"{init['label']}, {100 * setting.label_fraction:g}%", setting.img_size, shown))
             summary = dict(recipe=cfg.recipe, config=dataclasses.asdict(cfg), runs=results,
                            wall_seconds=round(time.time() - start, 1), device=str(device))
             write_json(summary, out_dir / "metrics.json")  # after every run: a kill loses little

@@ -121,12 +121,12 @@ def resolve(cfg: SegmentConfig) -> list[SegmentConfig]:
         filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
         if cfg.init or cfg.scratch:
             filled.pop("ckpt", None)
-        run = dataclasses.replace(cfg, recipe=name, **filled)
-        if not run.root:
+        setting = dataclasses.replace(cfg, recipe=name, **filled)
+        if not setting.root:
             raise ValueError(f"--recipe {name} needs --root, the SIIM-ACR folder (train-rle.csv and the images)")
-        if recipe["data"] == "siim" and not run.split_dir:
+        if recipe["data"] == "siim" and not setting.split_dir:
             raise ValueError(f"--recipe {name} needs --split-dir, the released DatasetsSplits folder")
-        runs.append(run)
+        runs.append(setting)
     return runs
 
 
@@ -170,11 +170,11 @@ def pick(items: dict, ids: list[str], source: str) -> list:
     return found
 
 
-def load_data(run: SegmentConfig) -> dict:
-    """Training subset, validation and test items of one run, and the notes on the split lists' overlap."""
+def load_data(setting: SegmentConfig) -> dict:
+    """Training subset, validation and test items of one setting, and the notes on the split lists' overlap."""
     notes = []
-    if RECIPES[run.recipe]["data"] == "synthetic":
-        root = Path(run.root)
+    if RECIPES[setting.recipe]["data"] == "synthetic":
+        root = Path(setting.root)
         if (root / eval_datasets.SYNTHETIC_LABELS_CSV).is_file() and not (root / MASKS_CSV).is_file():
             raise FileNotFoundError(f"{root} is a synthetic world without pneumothorax masks ({MASKS_CSV}; worlds "
                                     f"written before segment.py lack it): regenerate it with `python -m world.synthetic "
@@ -185,16 +185,16 @@ def load_data(run: SegmentConfig) -> dict:
         splits = {name: pick(items, [i for i, s in split_of.items() if s == name], f"{name} split of {root}")
                   for name in ("train", "validate", "test")}
         train, val, test = splits["train"], splits["validate"], splits["test"]
-        train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
+        train = [train[i] for i in label_subset(len(train), setting.label_fraction, setting.seed)]
     else:
-        file = eval_datasets.TRAIN_FILES.get(run.label_fraction, "train_list")
-        paths = {name: eval_datasets.split_path(run.split_dir, "siim", name) for name in (file, "val_list", "test_list")}
+        file = eval_datasets.TRAIN_FILES.get(setting.label_fraction, "train_list")
+        paths = {name: eval_datasets.split_path(setting.split_dir, "siim", name) for name in (file, "val_list", "test_list")}
         lists = {path.name: [row[0] for row in eval_datasets.read_split_file(path, 0)] for path in paths.values()}
-        lists, notes = remove_test_overlap(lists, run.keep_overlap)
-        items = images_with_masks(run.root)
+        lists, notes = remove_test_overlap(lists, setting.keep_overlap)
+        items = images_with_masks(setting.root)
         train, val, test = (pick(items, ids, name) for name, ids in lists.items())
-        if run.label_fraction not in eval_datasets.TRAIN_FILES:  # another fraction: nested within train_list
-            train = [train[i] for i in label_subset(len(train), run.label_fraction, run.seed)]
+        if setting.label_fraction not in eval_datasets.TRAIN_FILES:  # another fraction: nested within train_list
+            train = [train[i] for i in label_subset(len(train), setting.label_fraction, setting.seed)]
     for line in notes:
         print(line)
     return dict(train=train, val=val, test=test, notes=notes)
@@ -377,7 +377,7 @@ def segmentation_loss(logits, target, focal_weight: float = 2.0, dice_weight: fl
 # ----------------------------------------------------------------------------------------------------------
 # Encoders, the schedule, one training loop with validation-based selection
 
-def lr_at(iteration: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+def segment_lr(iteration: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate at 0-based `iteration` (mmcv's poly policy, power 1, min 0, linear warm-up ratio 1e-6):
     peak (1 - i / total), scaled by 1 - (1 - i / warmup)(1 - 1e-6) during the warm-up."""
     lr = peak * (1 - iteration / total_steps)
@@ -386,14 +386,14 @@ def lr_at(iteration: int, peak: float, warmup_steps: int, total_steps: int) -> f
     return lr
 
 
-def build_segmenter(init: dict, run: SegmentConfig, device) -> Segmenter:
+def build_segmenter(init: dict, setting: SegmentConfig, device) -> Segmenter:
     """A fresh copy of the encoder, its position table interpolated to the input grid, with new pyramid and heads."""
-    torch.manual_seed(run.seed)
+    torch.manual_seed(setting.seed)
     encoder = copy.deepcopy(init["encoder"])
-    encoder.set_drop_path(run.drop_path)
-    grid = run.img_size // encoder.patch_size
+    encoder.set_drop_path(setting.drop_path)
+    grid = setting.img_size // encoder.patch_size
     resize_pos_embed(encoder, (grid, grid))
-    return Segmenter(encoder, run.head_channels, run.aux_channels, run.aux_head).to(device)
+    return Segmenter(encoder, setting.head_channels, setting.aux_channels, setting.aux_head).to(device)
 
 
 @torch.no_grad()
@@ -415,22 +415,22 @@ def predict(model: Segmenter, loader, device, keep: int = 0) -> tuple[np.ndarray
     return np.concatenate(counts), kept
 
 
-def loader(dataset, run: SegmentConfig, device, sampler=None):
-    return torch.utils.data.DataLoader(dataset, batch_size=run.batch_size, sampler=sampler, num_workers=run.workers,
+def loader(dataset, setting: SegmentConfig, device, sampler=None):
+    return torch.utils.data.DataLoader(dataset, batch_size=setting.batch_size, sampler=sampler, num_workers=setting.workers,
                                        pin_memory=device.type == "cuda")
 
 
-def fit(model: Segmenter, batches, run: SegmentConfig, validate, device, desc: str = "") -> dict:
+def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "") -> dict:
     """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (per-image
-    Dice) at step 0, every run.eval_interval steps and at the end; the best weights are loaded back at the end.
+    Dice) at step 0, every setting.eval_interval steps and at the end; the best weights are loaded back at the end.
     Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}."""
-    groups = layer_decay_groups(model.backbone.encoder, model, run.weight_decay, run.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=(0.9, 0.999))
+    groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
     best = dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
     validations, losses = {0: best["best_val_dice"]}, []
     model.train()
-    for step in range(1, run.steps + 1):
-        lr = lr_at(step - 1, run.lr, run.warmup_steps, run.steps)
+    for step in range(1, setting.steps + 1):
+        lr = segment_lr(step - 1, setting.lr, setting.warmup_steps, setting.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         images, masks = next(batches)
@@ -444,7 +444,7 @@ def fit(model: Segmenter, batches, run: SegmentConfig, validate, device, desc: s
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
-        if step % run.eval_interval == 0 or step == run.steps:
+        if step % setting.eval_interval == 0 or step == setting.steps:
             validations[step] = dice = validate()
             if dice > best["best_val_dice"]:
                 best.update(best_step=step, best_val_dice=dice, state=copy.deepcopy(model.state_dict()))
@@ -456,40 +456,40 @@ def fit(model: Segmenter, batches, run: SegmentConfig, validate, device, desc: s
 # ----------------------------------------------------------------------------------------------------------
 # One recipe and initialisation, the whole experiment
 
-def run_dir(run: SegmentConfig, init: dict) -> Path:
-    return Path(run.out_dir) / run.recipe / init["name"]
+def run_dir(setting: SegmentConfig, init: dict) -> Path:
+    return Path(setting.out_dir) / setting.recipe / init["name"]
 
 
-def train_and_test(init: dict, data: dict, run: SegmentConfig, masks: dict, device) -> tuple[dict, list]:
+def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, device) -> tuple[dict, list]:
     """Fine-tune on the training subset, pick the best validation step, test it; returns (result, overlays)."""
     began = time.time()
-    model = build_segmenter(init, run, device)
+    model = build_segmenter(init, setting, device)
     in_chans = init["cfg"].in_chans
-    train_set = SegmentationDataset(data["train"], run.img_size, in_chans, masks, flip=True)
-    batches = iter(loader(train_set, run, device, EndlessPermutations(len(train_set), run.seed)))
-    val = loader(SegmentationDataset(data["val"], run.img_size, in_chans, masks), run, device)
-    history = fit(model, batches, run, lambda: dice_scores(predict(model, val, device)[0])["med_dice"],
-                  device, f"{run.recipe} {init['name']}")
-    save_checkpoint(run_dir(run, init) / "best.pt", {
+    train_set = SegmentationDataset(data["train"], setting.img_size, in_chans, masks, flip=True)
+    batches = iter(loader(train_set, setting, device, EndlessPermutations(len(train_set), setting.seed)))
+    val = loader(SegmentationDataset(data["val"], setting.img_size, in_chans, masks), setting, device)
+    history = fit(model, batches, setting, lambda: dice_scores(predict(model, val, device)[0])["med_dice"],
+                  device, f"{setting.recipe} {init['name']}")
+    save_checkpoint(run_dir(setting, init) / "best.pt", {
         "segmenter": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
-        "segment_config": dataclasses.asdict(run), "init": init["label"], "step": history["best_step"]})
-    test = loader(SegmentationDataset(data["test"], run.img_size, in_chans, masks), run, device)
-    counts, overlays = predict(model, test, device, keep=run.overlays)
+        "segment_config": dataclasses.asdict(setting), "init": init["label"], "step": history["best_step"]})
+    test = loader(SegmentationDataset(data["test"], setting.img_size, in_chans, masks), setting, device)
+    counts, overlays = predict(model, test, device, keep=setting.overlays)
     # the same Dice on (up to 128) training images: the gap to the test Dice is what a test image that is also a
     # training image gains (the released lists' overlap, docs/segmentation.md §5)
-    seen = loader(SegmentationDataset(data["train"][:128], run.img_size, in_chans, masks), run, device)
+    seen = loader(SegmentationDataset(data["train"][:128], setting.img_size, in_chans, masks), setting, device)
     losses = history["losses"]
-    result = dict(recipe=run.recipe, data=RECIPES[run.recipe]["data"], label_fraction=run.label_fraction,
+    result = dict(recipe=setting.recipe, data=RECIPES[setting.recipe]["data"], label_fraction=setting.label_fraction,
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(item.rle) for item in data["train"]), val_images=len(data["val"]),
                   best_step=history["best_step"], val_med_dice=history["best_val_dice"],
                   validations=history["validations"], first_loss=losses[0] if losses else None,
                   last_loss=float(np.mean(losses[-5:])) if losses else None, split_notes=data["notes"],
-                  seconds=round(time.time() - began, 1), weights=str(run_dir(run, init) / "best.pt"),
+                  seconds=round(time.time() - began, 1), weights=str(run_dir(setting, init) / "best.pt"),
                   train_subset=dice_scores(predict(model, seen, device)[0]),
-                  test=segmentation_metrics(counts, run.n_boot, run.seed))
+                  test=segmentation_metrics(counts, setting.n_boot, setting.seed))
     if overlays:
-        plot_overlays(overlays, f"{run.recipe}, {init['label']}", run_dir(run, init) / "overlays.png")
+        plot_overlays(overlays, f"{setting.recipe}, {init['label']}", run_dir(setting, init) / "overlays.png")
     return result, overlays
 
 
@@ -503,14 +503,14 @@ def run_experiment(cfg: SegmentConfig) -> dict:
         check_writable(Path(cfg.figure).parent, "--figure")
     inits = encoders_to_compare(runs[0])
     masks, results, examples = {}, [], {}
-    for run in runs:
-        data = load_data(run)
+    for setting in runs:
+        data = load_data(setting)
         for split in ("train", "val", "test"):
-            decode_masks(data[split], run.img_size, masks)
+            decode_masks(data[split], setting.img_size, masks)
         for init in inits:
-            result, overlays = train_and_test(init, data, run, masks, device)
+            result, overlays = train_and_test(init, data, setting, masks, device)
             test = result["test"]
-            print(f"{run.recipe:<16}{init['label']:<14} test medDice {test['med_dice']:.3f} "
+            print(f"{setting.recipe:<16}{init['label']:<14} test medDice {test['med_dice']:.3f} "
                   f"[{test['med_dice_ci95'][0]:.3f}, {test['med_dice_ci95'][1]:.3f}], pooled Dice "
                   f"{test['pooled_dice']:.3f}  (best step {result['best_step']}, {result['seconds']:.0f} s)", flush=True)
             results.append(result)

@@ -207,10 +207,10 @@ def test_dice_metrics_follow_the_released_per_image_rule():
 
 
 def test_schedule_warms_up_linearly_then_decays_linearly_to_zero():
-    assert sg.lr_at(0, 1.0, 10, 100) == pytest.approx(1e-6)
-    assert sg.lr_at(5, 1.0, 10, 100) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
-    assert sg.lr_at(10, 1.0, 10, 100) == pytest.approx(0.9)
-    assert sg.lr_at(99, 1.0, 10, 100) == pytest.approx(0.01)
+    assert sg.segment_lr(0, 1.0, 10, 100) == pytest.approx(1e-6)
+    assert sg.segment_lr(5, 1.0, 10, 100) == pytest.approx(0.95 * (1 - 0.5 * (1 - 1e-6)))
+    assert sg.segment_lr(10, 1.0, 10, 100) == pytest.approx(0.9)
+    assert sg.segment_lr(99, 1.0, 10, 100) == pytest.approx(0.01)
 
 
 def test_a_short_run_lowers_the_loss():
