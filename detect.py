@@ -46,6 +46,7 @@ from util.checkpoint import check_writable, save_checkpoint, write_atomic, write
 from util.cli import check_options, option, run_script
 from util.devices import autocast, pick_device
 from util.metrics import box_ap_metrics, interval_table
+from util.run_guard import OutDirLock
 
 # (peak lr, iterations, warm-up iterations, validation interval) per percentage of the training images: the released
 # ViTDet config (5e-4 at 1% and 10%, 3e-4 at 100%; 5,600 iterations; validation every 560, as its eval_period);
@@ -489,7 +490,8 @@ def plot_examples(rows: list, path, top: int = 3) -> None:
 
 def main(argv=None) -> int:
     def body(cfg: DetectConfig) -> None:
-        summary = run_experiment(cfg)
+        with OutDirLock(cfg.out_dir, "--out-dir"):  # a second detect.py on the same folder stops at once
+            summary = run_experiment(cfg)
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights "
               f"under {cfg.out_dir}, and {', '.join(summary['figures'])}")

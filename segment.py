@@ -48,6 +48,7 @@ from util.checkpoint import check_writable, save_checkpoint, write_atomic, write
 from util.cli import check_options, option, run_script
 from util.devices import autocast, pick_device
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
+from util.run_guard import OutDirLock
 
 # (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
 # released configs for SIIM (batch 8 = 4 GPUs x 2); the synthetic world's fit the default run into 10 CPU minutes.
@@ -618,7 +619,8 @@ def plot_summary(results: list[dict], examples: dict, path) -> None:
 
 def main(argv=None) -> int:
     def body(cfg: SegmentConfig) -> None:
-        summary = redraw(cfg) if cfg.redraw else run_experiment(cfg)
+        with OutDirLock(cfg.out_dir, "--out-dir"):  # a second segment.py on the same folder stops at once
+            summary = redraw(cfg) if cfg.redraw else run_experiment(cfg)
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and "
               f"overlays under {cfg.out_dir}, and {', '.join(summary['figures'])}")
