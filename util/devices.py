@@ -3,6 +3,13 @@
 One place for what differs between a laptop CPU, one GPU and `torchrun` on several GPUs, so that train.py,
 eval_zeroshot.py, finetune.py and bench.py behave alike (and the GPU-only paths can be tested on a CPU by
 simulating CUDA). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them a run is a single process.
+
+Precision (`--precision auto | fp32 | bf16`): bf16 is autocast only (matrix products and attention in bf16);
+parameters, gradients and optimizer state stay fp32, and the losses are computed in fp32 (loss.py upcasts).
+`auto` picks bf16 where the hardware multiplies bf16 matrices natively: CUDA GPUs that support bf16 (Ampere and
+newer) and CPUs with AMX tiles (`amx_bf16` in torch.cpu.get_capabilities(): Intel Xeon Sapphire Rapids and
+newer). AVX512_BF16 alone (AMD Zen 4 and 5, Intel Cooper Lake) only has a bf16 dot-product instruction in the
+vector units: there bf16 autocast measured slower than fp32 (docs/speed.md), so `auto` keeps fp32.
 """
 
 import contextlib
@@ -51,11 +58,45 @@ def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device
     return rank, world, device
 
 
-def uses_bf16(device: torch.device) -> bool:
-    """bf16 autocast on GPUs that support it (Ampere and newer); fp32 everywhere else (CPU included)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def autocast(device: torch.device):
-    """The mixed-precision context of a forward pass on `device` (see uses_bf16)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if uses_bf16(device) else contextlib.nullcontext()
+def cpu_has_bf16_matrix_units() -> bool:
+    """Whether this CPU has AMX bf16 tiles, as PyTorch's cpuinfo reports them."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on a CUDA GPU that supports bf16 and on a CPU with bf16 matrix units (AMX), else "fp32";
+    "fp32" and "bf16" stay as given (bf16 on a GPU without bf16 support is a clear error)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and device.type == "cuda" and not gpu_bf16:
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp32")
+    if precision != "auto":
+        return precision
+    return "bf16" if gpu_bf16 or (device.type == "cpu" and cpu_has_bf16_matrix_units()) else "fp32"
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """One line for the start-up print: what `precision` resolves to on `device`, and why."""
+    resolved = resolve_precision(precision, device)
+    if precision != "auto":
+        return f"precision {resolved} (--precision {precision})"
+    if device.type == "cuda":
+        why = "GPU with bf16" if resolved == "bf16" else "this GPU has no bf16"
+    elif resolved == "bf16":
+        why = "CPU with AMX bf16 units"
+    else:
+        vector_only = torch.cpu.get_capabilities().get("avx512_bf16", False)
+        why = "CPU without AMX" + (" (AVX512_BF16 alone is slower than fp32 here, docs/speed.md)" if vector_only else "")
+    return f"precision {resolved} (auto: {why})"
+
+
+def autocast(device: torch.device, precision: str):
+    """The mixed-precision context of a forward pass: bf16 autocast on `device` for precision "bf16", nothing for
+    "fp32" (resolve "auto" first with resolve_precision)."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"autocast: expected a resolved precision, fp32 or bf16, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
