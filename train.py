@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import Collate, MimicCXR, OpenI
+from data import Collate, MimicCXR, OpenI, build_cache, cache_is_complete, training_workers
 from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
@@ -86,7 +86,8 @@ class TrainConfig:
     precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs with bf16 and CPUs with AMX bf16 "
                                     "units, else fp32; a resumed run keeps its checkpoint's unless given)",
                             choices=PRECISIONS)
-    num_workers: int = option(2, "DataLoader worker processes", minimum=0)
+    num_workers: int = option(None, "DataLoader worker processes (default: 0 when every image is cached, else 2)",
+                              minimum=0)
     log_interval: int = option(10, "optimizer steps between log lines (and host syncs)", minimum=1)
     ckpt_interval: int = option(200, "optimizer steps between checkpoints (one is always written at the end)",
                                 minimum=1)
@@ -208,6 +209,11 @@ def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     cache = Path(cfg.cache) if cfg.cache else root / f"cache-{size}"
+    if cfg.data == "synthetic" and not cfg.cache and not cache_is_complete(cache):
+        if is_main:  # the synthetic world is small: its images are resized once, and training never decodes a JPEG
+            build_cache(MimicCXR(root, split=None, image_size=size), cache, workers=2)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     cache = cache if (cfg.cache or cache.exists()) else None
     common = dict(image_size=size, in_chans=model_cfg.in_chans, augment=True, cache=cache, seed=cfg.seed)
     if cfg.data == "openi":
@@ -230,6 +236,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # what the checkpoint records
     out_dir = prepare_out_dir(cfg, rank == 0, checkpoint["step"] if checkpoint else None)
     dataset = build_dataset(cfg, model_cfg, rank == 0)
+    if cfg.num_workers is None:
+        cfg = dataclasses.replace(cfg, num_workers=training_workers(dataset))
     if len(dataset) == 0:
         raise FileNotFoundError("no image of this selection has a report to pair it with (the summary above counts "
                                 "what was skipped); check --root, the report files or --report-source "
@@ -269,7 +277,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     if run.is_main:
         what = f"resumed at step {start_step} from {cfg.resume}," if checkpoint else f"training {cfg.preset}"
         print(f"{what} MaCo on {len(dataset)} {cfg.data} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-              f"batch {cfg.batch_size} x {world} process(es), device {device}, {precision_note}"
+              f"batch {cfg.batch_size} x {world} process(es), {cfg.num_workers} loader workers, device {device}, "
+              f"{precision_note}"
               f"; writing to {out_dir}")
     return run
 

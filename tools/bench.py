@@ -39,8 +39,8 @@ SDPA_KERNELS = {0: "math (the slow path)", 1: "flash", 2: "memory-efficient", 3:
 class BenchConfig:
     preset: str = option("tiny", "model preset", choices=tuple(PRESETS))
     batch_size: int = option(32, "pairs per step", minimum=1)
-    text_len: int = option(60, "report tokens per pair (padded length, at most the preset's max_len; the synthetic "
-                               "world's batches pad to about 60)", minimum=1)
+    text_len: int = option(80, "report tokens per pair (padded length, at most the preset's max_len; the synthetic "
+                               "world's batches of 32 pad to 55-100, median about 80: --loader prints it)", minimum=1)
     steps: int = option(10, "timed steps per variant", minimum=1)
     warmup: int = option(2, "untimed steps per variant first (compilation happens here)", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
@@ -155,17 +155,19 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> None:
 
 
 def bench_loader(cfg: BenchConfig) -> None:
+    from pathlib import Path
+
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from data import Collate, MimicCXR, augment_image, report_to_caption, to_model_input
-    from train import default_num_workers, find_cache
+    from data import Collate, MimicCXR, augment_image, report_to_caption, to_model_input, training_workers
     from util.tokenizer import train_tokenizer
     model_cfg = MaCoConfig.preset(cfg.preset)
-    cache = find_cache(cfg.root, cfg.cache, model_cfg.input_size)
+    cache = Path(cfg.cache) if cfg.cache else Path(cfg.root) / f"cache-{model_cfg.input_size}"
+    cache = cache if cfg.cache or cache.exists() else None
     dataset = MimicCXR(cfg.root, split="train", image_size=model_cfg.input_size, in_chans=model_cfg.in_chans,
                        augment=True, cache=cache, seed=0)
-    workers = default_num_workers(dataset) if cfg.num_workers is None else cfg.num_workers
+    workers = training_workers(dataset) if cfg.num_workers is None else cfg.num_workers
     tokenizer = train_tokenizer(dataset.report_texts()[:2000], vocab_size=model_cfg.vocab_size)
     collate = Collate(tokenizer, model_cfg.max_len)
     print(f"loader: preset {cfg.preset}, batch {cfg.batch_size}, {model_cfg.input_size}-px input, cache "

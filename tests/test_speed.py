@@ -1,8 +1,12 @@
-"""--precision: a bf16 autocast step agrees with fp32 within a stated tolerance, fp32 is exactly the plain step, and
-train.py prints its choice, records it in the checkpoint and keeps it on resume. (bf16 autocast runs on any x86
-CPU, slowly where there are no bf16 units, so these run everywhere.)"""
+"""The speed switches change nothing they should not (docs/speed.md).
+
+--precision: a bf16 autocast step agrees with fp32 within a stated tolerance, fp32 is exactly the plain step, and
+train.py prints its choice, records it in the checkpoint and keeps it on resume (bf16 autocast runs on any x86 CPU,
+slowly where there are no bf16 units, so these run everywhere). The data path: the synthetic world's image cache is
+built once and read in the training process, and the batches are exactly those decoded from the JPEG files."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -98,3 +102,16 @@ def test_train_prints_records_and_resumes_with_its_precision(synthetic_root, tmp
          "--stop-after-steps", "5", "--precision", "fp32"])  # given: it wins, and is said
     assert "resume: --precision fp32 (was bf16)" in capsys.readouterr().out
     assert torch.load(tmp_path / "branch" / "checkpoint.pt", weights_only=True)["train_config"]["precision"] == "fp32"
+
+
+def test_the_default_run_caches_the_synthetic_world_and_trains_exactly_as_from_the_jpegs(synthetic_root, tmp_path,
+                                                                                         capsys):
+    root = tmp_path / "world"
+    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns("cache-*"))
+    common = ["--root", str(root), "--batch-size", "8", "--no-eval", "--log-interval", "1", "--stop-after-steps", "3"]
+    run(common + ["--out-dir", str(tmp_path / "cached")])
+    assert (root / "cache-128" / "progress.json").exists()  # built by the run: 128 px, tiny's training input
+    assert "0 loader workers" in capsys.readouterr().out  # cached: read in the training process
+    run(common + ["--out-dir", str(tmp_path / "jpeg"), "--cache", str(tmp_path / "no-cache"), "--num-workers", "2"])
+    assert "2 loader workers" in capsys.readouterr().out
+    assert losses(tmp_path / "cached") == losses(tmp_path / "jpeg")
