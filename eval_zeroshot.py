@@ -382,8 +382,8 @@ class EvalConfig:
                                        "embedding's cosine with the phrase, no prior); both are measured and printed",
                           choices=READOUTS)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = option("auto", "bf16 autocast or fp32 for the model's forward passes (auto: bf16 on GPUs with "
-                                    "bf16 and CPUs with AMX bf16 units, else fp32); scores are float32 either way",
+    precision: str = option("auto", "bf16 autocast or fp32 for the model's forward passes (auto: bf16 on GPUs and "
+                                    "CPUs with native bf16, see docs/speed.md); scores are float32 either way",
                             choices=PRECISIONS)
 
     def __post_init__(self):

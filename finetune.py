@@ -115,8 +115,8 @@ class FinetuneConfig:
     n_boot: int = option(1000, "bootstrap resamples for the test macro-AUC 95% interval", minimum=1)
     seed: int = option(0, "seed of the label subsets, the head initialisation and the data order", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs with bf16 and CPUs with AMX bf16 "
-                                    "units, else fp32); the loss and the scores are float32 either way",
+    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs and CPUs with native bf16, see "
+                                    "docs/speed.md); the loss and the scores are float32 either way",
                             choices=PRECISIONS)
     workers: int = option(None, "DataLoader worker processes (recipe: 8 real, 0 synthetic)", minimum=0)
 

@@ -83,8 +83,8 @@ class TrainConfig:
     seed: int = option(0, "random seed", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = option(False, "torch.compile the model")
-    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs with bf16 and CPUs with AMX bf16 "
-                                    "units, else fp32; a resumed run keeps its checkpoint's unless given)",
+    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs and CPUs with native bf16, see "
+                                    "docs/speed.md; a resumed run keeps its checkpoint's unless given)",
                             choices=PRECISIONS)
     num_workers: int = option(None, "DataLoader worker processes (default: 0 when every image is cached, else 2)",
                               minimum=0)

@@ -77,7 +77,7 @@ def test_a_device_that_is_not_there_is_a_clear_error(fake_cuda, name, message):
         devices.pick_device(name)
 
 
-def test_auto_precision_is_bf16_on_gpus_with_bf16_and_on_cpus_with_amx_only(fake_cuda, monkeypatch):
+def test_auto_precision_is_bf16_on_gpus_with_bf16_and_on_cpus_with_native_bf16(fake_cuda, monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     fake_cuda(1, bf16=True)
     assert devices.resolve_precision("auto", gpu) == "bf16"
@@ -86,9 +86,10 @@ def test_auto_precision_is_bf16_on_gpus_with_bf16_and_on_cpus_with_amx_only(fake
     with pytest.raises(ValueError, match="does not support bf16"):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
         devices.resolve_precision("bf16", gpu)
-    for flags, expected in [({"amx_bf16": True, "avx512_bf16": True}, "bf16"),
-                            ({"amx_bf16": False, "avx512_bf16": True}, "fp32"),  # vector bf16 alone: slower
-                            ({}, "fp32")]:
+    for flags, expected in [({"amx_bf16": True, "avx512_bf16": True}, "bf16"),  # Intel Sapphire Rapids
+                            ({"amx_bf16": False, "avx512_bf16": True}, "bf16"),  # AMD Zen 4
+                            ({"amx_bf16": False, "avx512_bf16": False, "avx2": True}, "fp32"),  # bf16 emulated
+                            ({"architecture": "aarch64"}, "fp32")]:
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
         assert devices.resolve_precision("auto", cpu) == expected, flags
         assert devices.describe_precision("auto", cpu).startswith(f"precision {expected} (auto: ")

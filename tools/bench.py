@@ -44,8 +44,8 @@ class BenchConfig:
     steps: int = option(10, "timed steps per variant", minimum=1)
     warmup: int = option(2, "untimed steps per variant first (compilation happens here)", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = option("auto", "the precision measured against fp32 (auto: bf16 on GPUs with bf16 and CPUs "
-                                    "with AMX, else fp32 alone)", choices=PRECISIONS)
+    precision: str = option("auto", "the precision measured against fp32 (auto: bf16 on GPUs and CPUs with native "
+                                    "bf16, see docs/speed.md; else fp32 alone)", choices=PRECISIONS)
     compile: bool = option(False, "also measure each precision with torch.compile")
     loader: bool = option(False, "measure the training data path instead of the step")
     root: str = option("data/synthetic", "--loader: dataset root (MIMIC-CXR-JPG layout)")

@@ -6,10 +6,11 @@ simulating CUDA). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them a 
 
 Precision (`--precision auto | fp32 | bf16`): bf16 is autocast only (matrix products and attention in bf16);
 parameters, gradients and optimizer state stay fp32, and the losses are computed in fp32 (loss.py upcasts).
-`auto` picks bf16 where the hardware multiplies bf16 matrices natively: CUDA GPUs that support bf16 (Ampere and
-newer) and CPUs with AMX tiles (`amx_bf16` in torch.cpu.get_capabilities(): Intel Xeon Sapphire Rapids and
-newer). AVX512_BF16 alone (AMD Zen 4 and 5, Intel Cooper Lake) only has a bf16 dot-product instruction in the
-vector units: there bf16 autocast measured slower than fp32 (docs/speed.md), so `auto` keeps fp32.
+`auto` picks bf16 where the hardware multiplies bf16 natively: CUDA GPUs that support bf16 (Ampere and newer), and
+x86 CPUs with AMX tiles (`amx_bf16`: Intel Xeon Sapphire Rapids and newer) or the AVX512_BF16 dot-product
+instruction (`avx512_bf16`: AMD Zen 4 and 5, Intel Cooper Lake), as torch.cpu.get_capabilities() reports them.
+On a Zen 4 CPU with AVX512_BF16 and no AMX a bf16 step measured 1.3x (tiny) to 1.6x (base) faster than fp32
+(docs/speed.md). Elsewhere (AVX2 or plain AVX512 CPUs, where bf16 is emulated; ARM CPUs, not measured) fp32.
 """
 
 import contextlib
@@ -61,13 +62,14 @@ def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU has AMX bf16 tiles, as PyTorch's cpuinfo reports them."""
-    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+def cpu_bf16_instructions() -> list[str]:
+    """The native bf16 matrix instructions of this CPU, as PyTorch's cpuinfo reports them: amx_bf16, avx512_bf16."""
+    capabilities = torch.cpu.get_capabilities()
+    return [name for name in ("amx_bf16", "avx512_bf16") if capabilities.get(name, False)]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on a CUDA GPU that supports bf16 and on a CPU with bf16 matrix units (AMX), else "fp32";
+    """"auto" -> "bf16" on a CUDA GPU that supports bf16 and on a CPU with native bf16 instructions, else "fp32";
     "fp32" and "bf16" stay as given (bf16 on a GPU without bf16 support is a clear error)."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -76,7 +78,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp32")
     if precision != "auto":
         return precision
-    return "bf16" if gpu_bf16 or (device.type == "cpu" and cpu_has_bf16_matrix_units()) else "fp32"
+    return "bf16" if gpu_bf16 or (device.type == "cpu" and cpu_bf16_instructions()) else "fp32"
 
 
 def describe_precision(precision: str, device: torch.device) -> str:
@@ -87,10 +89,9 @@ def describe_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         why = "GPU with bf16" if resolved == "bf16" else "this GPU has no bf16"
     elif resolved == "bf16":
-        why = "CPU with AMX bf16 units"
+        why = "CPU with " + " and ".join(cpu_bf16_instructions())
     else:
-        vector_only = torch.cpu.get_capabilities().get("avx512_bf16", False)
-        why = "CPU without AMX" + (" (AVX512_BF16 alone is slower than fp32 here, docs/speed.md)" if vector_only else "")
+        why = "CPU without amx_bf16 or avx512_bf16"
     return f"precision {resolved} (auto: {why})"
 
 
