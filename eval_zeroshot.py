@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from loss import at_least_float32
 from maco import load
 from util import eval_datasets
 from util.checkpoint import check_writable, write_atomic, write_json
@@ -76,7 +77,7 @@ def embed_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     Call model.eval() first."""
     batch = encode_texts(tokenizer, texts, max_len=model.cfg.max_len)
     device = _model_device(model)
-    return model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+    return at_least_float32(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ def prompt_scores(image_emb: torch.Tensor, positive: torch.Tensor, negative: tor
     """p = softmax([z·e+, z·e-])[0] = sigmoid(z·(e+ − e-)) per image and class: (B, D), (C, D), (C, D) -> (B, C).
     `cosine` L2-normalises z, e+ and e- first. Computed in float32, also under bf16 autocast."""
     with torch.autocast(image_emb.device.type, enabled=False):
-        image_emb, positive, negative = image_emb.float(), positive.float(), negative.float()
+        image_emb, positive, negative = (at_least_float32(x) for x in (image_emb, positive, negative))
         if cosine:
             image_emb, positive, negative = (F.normalize(x, dim=-1) for x in (image_emb, positive, negative))
         logits = torch.stack([image_emb @ positive.T, image_emb @ negative.T], dim=-1)  # (B, C, 2)
@@ -134,7 +135,7 @@ def maps_from_patches(patch_emb: torch.Tensor, phrase_embs: torch.Tensor, prior:
     if readout not in READOUTS:
         raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     batch, num_patches, _ = patch_emb.shape
-    patch_emb = patch_emb.float() if patch_emb.dtype == torch.bfloat16 else patch_emb
+    patch_emb = at_least_float32(patch_emb)
     phrase_embs = phrase_embs.to(patch_emb.device, patch_emb.dtype)
     with torch.autocast(patch_emb.device.type, enabled=False):
         if readout == "prior":

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maco import PRESETS, MaCo, MaCoConfig
 from util.cli import check_options, option, run_script
-from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
+from util.devices import PRECISIONS, autocast, describe_precision, resolve_precision, setup_distributed
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
 SDPA_KERNELS = {0: "math (the slow path)", 1: "flash", 2: "memory-efficient", 3: "cuDNN", 4: "overrideable"}
@@ -212,7 +212,7 @@ def bench_loader(cfg: BenchConfig) -> None:
 
 
 def run_bench(cfg: BenchConfig) -> None:
-    device = pick_device(cfg.device)
+    _, _, device = setup_distributed(cfg.device)  # as train.py: on a GPU, fp32 matrix products in TF32
     for line in machine_lines(device):
         print(line)
     if cfg.loader:
