@@ -487,9 +487,9 @@ def cache_is_complete(folder) -> bool:
 
 def training_workers(dataset: ImageReportDataset) -> int:
     """DataLoader workers for training on `dataset`: none when every image is in the cache, else 2 to decode the
-    image files. A cached image is a memory-mapped row: reading, augmenting and tokenizing a batch in the training
-    process costs a few percent of a step, while worker processes on the same cores would take their CPU time
-    from the compute threads, and interrupt them (docs/speed.md)."""
+    image files. A cached image is a memory-mapped row, so what is left (augmenting, normalising, tokenizing) runs
+    in the training process between steps; worker processes would take the same CPU time from the compute threads
+    on the same cores, interrupt them, and add a copy of every batch between processes (docs/speed.md)."""
     return 0 if len(dataset) and dataset.cached_images == len(dataset) else 2
 
 
