@@ -115,3 +115,17 @@ def test_the_default_run_caches_the_synthetic_world_and_trains_exactly_as_from_t
     run(common + ["--out-dir", str(tmp_path / "jpeg"), "--cache", str(tmp_path / "no-cache"), "--num-workers", "2"])
     assert "2 loader workers" in capsys.readouterr().out
     assert losses(tmp_path / "cached") == losses(tmp_path / "jpeg")
+
+
+def test_bench_prints_the_machine_both_precisions_the_kernels_and_the_loops_ratio(synthetic_root, capsys):
+    from tools import bench
+    assert bench.main(["--batch-size", "2", "--steps", "1", "--warmup", "0", "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "avx512_bf16" in out and "amx_bf16" in out and "compute threads" in out
+    assert "text (padding mask, dropout)" in out and "fp32 eager" in out and "bf16 eager" in out
+    common = ["--root", str(synthetic_root), "--batch-size", "8", "--steps", "2", "--warmup", "1"]
+    assert bench.main(common + ["--loop"]) == 0
+    ratio = float(capsys.readouterr().out.split("run rate / step-alone rate ")[1].split()[0])
+    assert 0 < ratio <= 1
+    assert bench.main(common + ["--loader"]) == 0
+    assert "DataLoader" in capsys.readouterr().out

@@ -6,6 +6,7 @@ compiled), and the training data path.
     python -m tools.bench --preset tiny --batch-size 32 --precision bf16 --compile     # and each compiled
     python -m tools.bench --preset base --batch-size 128 --device cuda --compile      # a GPU: bf16, fused AdamW, MFU
     python -m tools.bench --loader --root data/synthetic           # the data path of the default run
+    python -m tools.bench --loop --root data/synthetic             # the default run's loop: batches against steps
 
 Step: forward, backward and AdamW on random tensors of the preset's shapes (reports padded to --text-len tokens),
 so nothing but the model is timed. The variants (fp32 and the --precision chosen; eager and, with --compile,
@@ -17,6 +18,11 @@ gets. FLOPs are counted once with torch.utils.flop_counter; on a GPU whose bf16 
 Loader (--loader): images/s of the DataLoader that train.py builds (same cache, same workers), and the cost per
 image of each phase in one process: reading the pixels (a cache row, or a JPEG decoded and resized), the
 augmentation, the caption, the normalisation, and the collation (tokenizing) per batch.
+
+Loop (--loop): train.py's own loop (train.setup, step_batches, train_step) on the recipe of --root's synthetic world
+with --preset, --batch-size, --precision and --num-workers: per step, the time spent getting the batch and the time
+of the step itself, and their ratio, the run's rate over the step-alone rate (the issue's target: at least 0.95).
+Both are measured in the same process, step after step, so a machine whose load varies affects them alike.
 """
 
 import statistics
@@ -48,6 +54,7 @@ class BenchConfig:
                                     "bf16, see docs/speed.md; else fp32 alone)", choices=PRECISIONS)
     compile: bool = option(False, "also measure each precision with torch.compile")
     loader: bool = option(False, "measure the training data path instead of the step")
+    loop: bool = option(False, "measure train.py's loop instead: getting each batch against the step")
     root: str = option("data/synthetic", "--loader: dataset root (MIMIC-CXR-JPG layout)")
     cache: str = option("", "--loader: image cache folder ('' = <root>/cache-<size> if present, as train.py)")
     num_workers: int = option(None, "--loader: DataLoader workers (default: train.py's choice)", minimum=0)
@@ -211,12 +218,41 @@ def bench_loader(cfg: BenchConfig) -> None:
           + f"; total {1e3 * total:.3f} ms = {1 / total:.0f} images/s, {1e3 * total * cfg.batch_size:.1f} ms per batch")
 
 
+def bench_loop(cfg: BenchConfig) -> None:
+    import tempfile
+
+    import train
+    with tempfile.TemporaryDirectory() as out_dir:
+        train_cfg = train.TrainConfig(root=cfg.root, preset=cfg.preset, batch_size=cfg.batch_size, device=cfg.device,
+                                      precision=cfg.precision, num_workers=cfg.num_workers, out_dir=out_dir,
+                                      stop_after_steps=cfg.warmup + cfg.steps, eval=False)
+        run = train.setup(train_cfg, set())
+        run.model.train()
+        batch_seconds, step_seconds, batches = [], [], train.step_batches(run)
+        for number in range(cfg.warmup + cfg.steps):
+            start = time.perf_counter()
+            step, micro_batches = next(batches)
+            got = time.perf_counter()
+            train.train_step(run, step, micro_batches)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            if number >= cfg.warmup:
+                batch_seconds.append(got - start)
+                step_seconds.append(time.perf_counter() - got)
+    batch, step = sum(batch_seconds), sum(step_seconds)
+    print(f"train.py loop: {cfg.steps} steps after {cfg.warmup}, {run.cfg.num_workers} loader workers, "
+          f"{run.cfg.precision}: getting a batch {1e3 * statistics.median(batch_seconds):.1f} ms, the step "
+          f"{1e3 * statistics.median(step_seconds):.1f} ms (medians); run rate / step-alone rate {step / (batch + step):.3f}")
+
+
 def run_bench(cfg: BenchConfig) -> None:
     _, _, device = setup_distributed(cfg.device)  # as train.py: on a GPU, fp32 matrix products in TF32
     for line in machine_lines(device):
         print(line)
     if cfg.loader:
         bench_loader(cfg)
+    elif cfg.loop:
+        bench_loop(cfg)
     else:
         bench_step(cfg, device)
 
