@@ -171,7 +171,8 @@ def resume_config(cfg: TrainConfig, checkpoint: dict, given: set[str]) -> TrainC
                              f"{held}; a resumed run keeps its settings (start a new run to change them)")
     changed = {k: getattr(cfg, k) for k in OVERRIDABLE_FIELDS if k in given and getattr(cfg, k) != getattr(saved, k)}
     if changed:
-        print("resume: " + ", ".join(f"--{k.replace('_', '-')} {v} (was {getattr(saved, k)})" for k, v in changed.items()))
+        print("resume: " + ", ".join(f"--{k.replace('_', '-')} {v} (was {getattr(saved, k)})"
+                                     for k, v in changed.items()))
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in SESSION_FIELDS}, **changed)
 
 

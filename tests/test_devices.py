@@ -1,5 +1,6 @@
 """The GPU-only paths, checked on a CPU by simulating CUDA: device choice on one GPU, an explicit --device cuda:N,
-torchrun with two local ranks (NCCL), the precision `auto` picks, bf16 autocast, fused AdamW, pinned memory and --compile."""
+torchrun with two local ranks (NCCL), the precision `auto` picks, bf16 autocast, fused AdamW, pinned memory and
+--compile."""
 
 import pytest
 import torch

@@ -55,9 +55,10 @@ class BenchConfig:
     compile: bool = option(False, "also measure each precision with torch.compile")
     loader: bool = option(False, "measure the training data path instead of the step")
     loop: bool = option(False, "measure train.py's loop instead: getting each batch against the step")
-    root: str = option("data/synthetic", "--loader: dataset root (MIMIC-CXR-JPG layout)")
+    root: str = option("data/synthetic", "--loader, --loop: dataset root (MIMIC-CXR-JPG layout; --loop: the "
+                                         "synthetic world)")
     cache: str = option("", "--loader: image cache folder ('' = <root>/cache-<size> if present, as train.py)")
-    num_workers: int = option(None, "--loader: DataLoader workers (default: train.py's choice)", minimum=0)
+    num_workers: int = option(None, "--loader, --loop: DataLoader workers (default: train.py's choice)", minimum=0)
 
     def __post_init__(self):
         check_options(self)
@@ -71,7 +72,8 @@ def machine_lines(device: torch.device) -> list[str]:
     capabilities = torch.cpu.get_capabilities()
     lines.append(f"CPU {capabilities.get('cpu_name', '?')}: {capabilities.get('num_physical_cores', '?')} cores, "
                  f"vector capability {torch.backends.cpu.get_cpu_capability()}, "
-                 f"avx512_bf16 {capabilities.get('avx512_bf16', False)}, amx_bf16 {capabilities.get('amx_bf16', False)}")
+                 f"avx512_bf16 {capabilities.get('avx512_bf16', False)}, "
+                 f"amx_bf16 {capabilities.get('amx_bf16', False)}")
     return lines
 
 
@@ -242,7 +244,8 @@ def bench_loop(cfg: BenchConfig) -> None:
     batch, step = sum(batch_seconds), sum(step_seconds)
     print(f"train.py loop: {cfg.steps} steps after {cfg.warmup}, {run.cfg.num_workers} loader workers, "
           f"{run.cfg.precision}: getting a batch {1e3 * statistics.median(batch_seconds):.1f} ms, the step "
-          f"{1e3 * statistics.median(step_seconds):.1f} ms (medians); run rate / step-alone rate {step / (batch + step):.3f}")
+          f"{1e3 * statistics.median(step_seconds):.1f} ms (medians); "
+          f"run rate / step-alone rate {step / (batch + step):.3f}")
 
 
 def run_bench(cfg: BenchConfig) -> None:
