@@ -9,8 +9,8 @@ parameters, gradients and optimizer state stay fp32, and the losses are computed
 `auto` picks bf16 where the hardware multiplies bf16 natively: CUDA GPUs that support bf16 (Ampere and newer), and
 x86 CPUs with AMX tiles (`amx_bf16`: Intel Xeon Sapphire Rapids and newer) or the AVX512_BF16 dot-product
 instruction (`avx512_bf16`: AMD Zen 4 and 5, Intel Cooper Lake), as torch.cpu.get_capabilities() reports them.
-On a Zen 4 CPU with AVX512_BF16 and no AMX a bf16 step measured 1.3x (tiny) to 1.6x (base) faster than fp32
-(docs/speed.md). Elsewhere (AVX2 or plain AVX512 CPUs, where bf16 is emulated; ARM CPUs, not measured) fp32.
+On a Zen 4 CPU with AVX512_BF16 and no AMX a bf16 step measured 1.3x (tiny, batch 32) to 1.85x (base, batch 8)
+faster than fp32 (docs/speed.md). Elsewhere (AVX2 or plain AVX512 CPUs, where bf16 is emulated; ARM CPUs, not measured) fp32.
 """
 
 import contextlib
