@@ -258,6 +258,7 @@ class ImageReportDataset(Dataset):
         if self.cache_rows is not None:
             status = np.load(self.cache_dir / "status.npy")
             cached = {i for i, row in enumerate(self.cache_rows) if row >= 0 and status[row] == CACHED}
+        self.cached_images = len(cached)
         self.missing_images = sum(1 for i, (_, path, _) in enumerate(self.items)
                                   if i not in cached and not os.path.exists(path))
         if self.items and self.missing_images == len(self.items):
@@ -475,6 +476,23 @@ class Collate:
 # Image cache
 
 PENDING, CACHED, UNREADABLE = 0, 1, 2  # status.npy values
+
+
+def cache_is_complete(folder) -> bool:
+    """Whether `folder` holds an image cache that build_cache has finished (every row done)."""
+    folder = Path(folder)
+    if not (folder / "meta.json").exists() or not (folder / "progress.json").exists():
+        return False
+    done = json.loads((folder / "progress.json").read_text())["done"]
+    return done == json.loads((folder / "meta.json").read_text())["count"]
+
+
+def training_workers(dataset: ImageReportDataset) -> int:
+    """DataLoader workers for training on `dataset`: none when every image is in the cache, else 2 to decode the
+    image files. A cached image is a memory-mapped row, so what is left (augmenting, normalising, tokenizing) runs
+    in the training process between steps; worker processes would take the same CPU time from the compute threads
+    on the same cores, interrupt them, and add a copy of every batch between processes (docs/speed.md)."""
+    return 0 if len(dataset) and dataset.cached_images == len(dataset) else 2
 
 
 def _load_chunk(rows: list[int], paths: list[str], size: int, resize: str) -> list:

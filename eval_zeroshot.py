@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from loss import at_least_float32
 from maco import load
 from util import eval_datasets
 from util.checkpoint import check_writable, write_atomic, write_json
 from util.cli import check_options, option, run_script
-from util.devices import pick_device
+from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import (
     IOU_THRESHOLDS,
     classification_metrics,
@@ -72,10 +73,11 @@ def _model_device(model) -> torch.device:
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Text embeddings e_T (len(texts), D); the tokenizer prepends [CLS] (§4). Call model.eval() first."""
+    """Text embeddings e_T (len(texts), D), float32 also under bf16 autocast; the tokenizer prepends [CLS] (§4).
+    Call model.eval() first."""
     batch = encode_texts(tokenizer, texts, max_len=model.cfg.max_len)
     device = _model_device(model)
-    return model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return at_least_float32(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
 
 
 @torch.no_grad()
@@ -94,11 +96,13 @@ def class_embeddings(model, tokenizer, prompts: dict) -> tuple[torch.Tensor, tor
 
 def prompt_scores(image_emb: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, cosine: bool = False) -> torch.Tensor:
     """p = softmax([z·e+, z·e-])[0] = sigmoid(z·(e+ − e-)) per image and class: (B, D), (C, D), (C, D) -> (B, C).
-    `cosine` L2-normalises z, e+ and e- first."""
-    if cosine:
-        image_emb, positive, negative = (F.normalize(x, dim=-1) for x in (image_emb, positive, negative))
-    logits = torch.stack([image_emb @ positive.T, image_emb @ negative.T], dim=-1)  # (B, C, 2)
-    return logits.softmax(-1)[..., 0]
+    `cosine` L2-normalises z, e+ and e- first. Computed in float32, also under bf16 autocast."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        image_emb, positive, negative = (at_least_float32(x) for x in (image_emb, positive, negative))
+        if cosine:
+            image_emb, positive, negative = (F.normalize(x, dim=-1) for x in (image_emb, positive, negative))
+        logits = torch.stack([image_emb @ positive.T, image_emb @ negative.T], dim=-1)  # (B, C, 2)
+        return logits.softmax(-1)[..., 0]
 
 
 @torch.no_grad()
@@ -126,16 +130,19 @@ def maps_from_patches(patch_emb: torch.Tensor, phrase_embs: torch.Tensor, prior:
 
     readout "prior" (released, D10): S_n = alpha_n P_n . t with the spatial prior `prior` = alpha (N,), a raw dot
     product. readout "cosine": S_n = cos(P_n, t) without the prior (as BioViL reads its maps): a patch counts by
-    its direction only, and no position is favoured before the phrase is read."""
+    its direction only, and no position is favoured before the phrase is read. Float32 at least, also under bf16
+    autocast."""
     if readout not in READOUTS:
         raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     batch, num_patches, _ = patch_emb.shape
+    patch_emb = at_least_float32(patch_emb)
     phrase_embs = phrase_embs.to(patch_emb.device, patch_emb.dtype)
-    if readout == "prior":
-        weighted = patch_emb * prior.to(patch_emb.device, patch_emb.dtype)[:, None]  # (B, N, D) alpha_n P_n
-        similarity = torch.einsum("bnd,bd->bn", weighted, phrase_embs)  # (B, N) raw dot product
-    else:
-        similarity = torch.einsum("bnd,bd->bn", F.normalize(patch_emb, dim=-1), F.normalize(phrase_embs, dim=-1))
+    with torch.autocast(patch_emb.device.type, enabled=False):
+        if readout == "prior":
+            weighted = patch_emb * prior.to(patch_emb.device, patch_emb.dtype)[:, None]  # (B, N, D) alpha_n P_n
+            similarity = torch.einsum("bnd,bd->bn", weighted, phrase_embs)  # (B, N) raw dot product
+        else:
+            similarity = torch.einsum("bnd,bd->bn", F.normalize(patch_emb, dim=-1), F.normalize(phrase_embs, dim=-1))
     grid = int(round(num_patches ** 0.5))
     # float64 on the CPU (the maps are small): min-max scaling must tell a flat map from rounding noise
     maps = gaussian_smooth(similarity.view(batch, grid, grid).cpu().double(), sigma)  # (B, g, g), sigma in patches
@@ -376,6 +383,9 @@ class EvalConfig:
                                        "embedding's cosine with the phrase, no prior); both are measured and printed",
                           choices=READOUTS)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = option("auto", "bf16 autocast or fp32 for the model's forward passes (auto: bf16 on GPUs and "
+                                    "CPUs with native bf16, see docs/speed.md); scores are float32 either way",
+                            choices=PRECISIONS)
 
     def __post_init__(self):
         check_options(self)
@@ -395,15 +405,18 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         cfg.data, cfg.root, model.cfg.img_size, model.cfg.in_chans, split_file=cfg.split_file, split=cfg.split,
         uncertain=cfg.uncertain, mimic_root=cfg.mimic_root, limit=cfg.max_images or None, image_dir=cfg.image_dir,
         frontal_only=cfg.frontal_only)
-    results = dict(data=cfg.data, root=str(cfg.root), checkpoint=cfg.ckpt, config=dataclasses.asdict(cfg))
-    if zero_shot is not None:
-        dataset, class_names, prompt_set = zero_shot
-        prompt_set = cfg.prompts or prompt_set
-        results["zero_shot"] = evaluate_zero_shot(model, tokenizer, dataset, class_names, prompt_set, cfg.cosine,
-                                                  cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out)
-    if grounding is not None:
-        results["grounding"] = evaluate_grounding(model, tokenizer, grounding, cfg.batch_size, cfg.workers,
-                                                  cfg.out, cfg.overlays, cfg.readout)
+    precision = resolve_precision(cfg.precision, device)
+    results = dict(data=cfg.data, root=str(cfg.root), checkpoint=cfg.ckpt, precision=precision,
+                   config=dataclasses.asdict(cfg))
+    with autocast(device, precision):
+        if zero_shot is not None:
+            dataset, class_names, prompt_set = zero_shot
+            prompt_set = cfg.prompts or prompt_set
+            results["zero_shot"] = evaluate_zero_shot(model, tokenizer, dataset, class_names, prompt_set, cfg.cosine,
+                                                      cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out)
+        if grounding is not None:
+            results["grounding"] = evaluate_grounding(model, tokenizer, grounding, cfg.batch_size, cfg.workers,
+                                                      cfg.out, cfg.overlays, cfg.readout)
     write_json(results, Path(cfg.out) / "metrics.json")
     return results
 
@@ -449,6 +462,7 @@ def phrase_specificity_table(grounding: dict) -> str:
 
 
 def evaluate_command(cfg: EvalConfig) -> None:
+    print(describe_precision(cfg.precision, pick_device(cfg.device)))
     results = run_evaluation(cfg)
     print(format_results(results))
     print(f"\nwrote {Path(cfg.out) / 'metrics.json'} and the plots beside it")

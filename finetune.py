@@ -43,7 +43,7 @@ from maco import PRESETS, MaCo, MaCoConfig, load
 from util import eval_datasets
 from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
-from util.devices import autocast, pick_device
+from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import classification_metrics, macro_auc
 from util.released import read_weights
 from util.run_guard import OutDirLock
@@ -117,6 +117,9 @@ class FinetuneConfig:
     n_boot: int = option(1000, "bootstrap resamples for the test macro-AUC 95% interval", minimum=1)
     seed: int = option(0, "seed of the label subsets, the head initialisation and the data order", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs and CPUs with native bf16, see "
+                                    "docs/speed.md); the loss and the scores are float32 either way",
+                            choices=PRECISIONS)
     workers: int = option(None, "DataLoader worker processes (recipe: 8 real, 0 synthetic)", minimum=0)
 
     def __post_init__(self):
@@ -328,13 +331,13 @@ def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model, batches, device) -> tuple[np.ndarray, np.ndarray]:
+def predict(model, batches, device, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N, C), sigmoid scores (N, C)) of a model over (inputs, labels) batches."""
     was_training = model.training
     model.eval()
     labels, scores = [], []
     for inputs, targets in batches:
-        with autocast(device):
+        with autocast(device, precision):
             scores.append(torch.sigmoid(model(inputs.to(device, non_blocking=True)).float()).cpu())
         labels.append(targets)
     model.train(was_training)
@@ -358,7 +361,7 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
         for group in optimizer.param_groups:
             group["lr"] = finetune_lr(step, lr, warmup_steps, steps)
         inputs, labels = next(batches)
-        with autocast(device):
+        with autocast(device, setting.precision):
             logits = model(inputs.to(device, non_blocking=True))
         loss = bce_loss(logits, labels.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
@@ -406,7 +409,8 @@ def finetune(init: dict, data: dict, setting: FinetuneConfig, device) -> tuple[C
     batches = iter(loader(train_set, batch, setting, device, EndlessPermutations(len(train_set), setting.seed)))
     val = loader(FinetuneDataset(data["val"], setting.img_size, init["cfg"].in_chans), setting.batch_size, setting, device)
     history = fit(model, batches, setting.steps, setting.lr, setting.warmup_steps, math.ceil(len(train_set) / batch), setting,
-                  lambda: macro_auc(*predict(model, val, device)), saver(model, init, "finetune", data, setting), device,
+                  lambda: macro_auc(*predict(model, val, device, setting.precision)),
+                  saver(model, init, "finetune", data, setting), device,
                   f"{setting.recipe} {init['name']} fine-tune")
     return model, dict(history, batch_size=batch)
 
@@ -420,7 +424,7 @@ def features_of(model: Classifier, items, setting: FinetuneConfig, device, cache
         model.eval()
         done = 0
         for images, _ in tqdm(loader(dataset, setting.batch_size, setting, device), desc="features", leave=False):
-            with autocast(device):
+            with autocast(device, setting.precision):
                 feats = model.features(images.to(device)).float().cpu()
             for item, feature in zip(todo[done:done + len(feats)], feats):
                 cache[item.path] = feature
@@ -449,7 +453,8 @@ def linear_probe(init: dict, data: dict, setting: FinetuneConfig, device, cache:
     val = [split["val"]]
     history = fit(model.head, feature_batches(), setting.probe_steps, setting.probe_lr, setting.probe_warmup_steps,
                   math.ceil(len(x) / batch), setting,
-                  lambda: macro_auc(*predict(model.head, val, device)), saver(model, init, "linear-probe", data, setting),
+                  lambda: macro_auc(*predict(model.head, val, device, setting.precision)),
+                  saver(model, init, "linear-probe", data, setting),
                   device, f"{setting.recipe} {init['name']} probe")
     return model, dict(history, batch_size=batch)
 
@@ -464,10 +469,10 @@ def evaluate_run(model: Classifier, init: dict, mode: str, data: dict, setting: 
     if mode == "linear-probe":  # the frozen encoder's features, then the head
         test = [(features_of(model, data["test"], setting, device, cache),
                  torch.from_numpy(np.stack([item.labels for item in data["test"]])))]
-        labels, scores = predict(model.head, test, device)
+        labels, scores = predict(model.head, test, device, setting.precision)
     else:
         test = loader(FinetuneDataset(data["test"], setting.img_size, init["cfg"].in_chans), setting.batch_size, setting, device)
-        labels, scores = predict(model, test, device)
+        labels, scores = predict(model, test, device, setting.precision)
     metrics = classification_metrics(labels, scores, data["class_names"], setting.n_boot, setting.seed)
     plot_roc(labels, scores, data["class_names"], folder / "roc_curves.png", metrics["macro_auc"],
              title=f"{setting.recipe}, {init['name']}, {mode}: test ROC")
@@ -486,6 +491,9 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
     start = time.time()
     runs = resolve(cfg)
     device = pick_device(cfg.device)
+    print(describe_precision(cfg.precision, device))
+    precision = resolve_precision(cfg.precision, device)
+    runs = [dataclasses.replace(setting, precision=precision) for setting in runs]
     check_writable(cfg.out_dir, "--out-dir")
     check_writable(Path(runs[0].figure).parent, "--figure")
     inits = initialisations(runs[0])
@@ -511,7 +519,8 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
                       f"[{low:.3f}, {high:.3f}]  (best step {result['best_step']}, {result['seconds']:.0f} s)")
                 results.append(result)
                 summary = dict(recipe=cfg.recipe, config=dataclasses.asdict(cfg), runs=results,
-                               wall_seconds=round(time.time() - start, 1), device=str(device))
+                               wall_seconds=round(time.time() - start, 1), device=str(device),
+                               precision=precision)
                 write_json(summary, Path(cfg.out_dir) / "metrics.json")  # after every run: a kill loses little
     plot_label_efficiency(results, runs[0].figure)
     summary["figure"] = runs[0].figure

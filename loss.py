@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Upcast half and bfloat16 to float32 (losses under autocast); leave float32 and float64 as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -24,15 +24,15 @@ def reconstruction_loss(pred, target, mask, norm_pix: bool = False):
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = ((_at_least_float32(pred) - _at_least_float32(target)) ** 2).mean(dim=-1)  # (B, L)
+    per_patch = ((at_least_float32(pred) - at_least_float32(target)) ** 2).mean(dim=-1)  # (B, L)
     return (per_patch * mask).sum() / mask.sum()
 
 
 def contrastive_logits(img_emb, txt_emb, logit_scale):
     """L = s * normalize(img) @ normalize(txt).T, at least in float32: row i is image i against every report. (G, G)"""
-    img = F.normalize(_at_least_float32(img_emb), dim=-1)
-    txt = F.normalize(_at_least_float32(txt_emb), dim=-1)
-    return _at_least_float32(logit_scale) * img @ txt.T
+    img = F.normalize(at_least_float32(img_emb), dim=-1)
+    txt = F.normalize(at_least_float32(txt_emb), dim=-1)
+    return at_least_float32(logit_scale) * img @ txt.T
 
 
 def clip_loss(img_emb, txt_emb, logit_scale):
@@ -54,7 +54,7 @@ def correlation_weighted_contrastive_loss(img_emb, txt_emb, correlation_weights,
     """
     logits = contrastive_logits(img_emb, txt_emb, logit_scale)  # (G, G)
     targets = torch.arange(logits.shape[0], device=logits.device)
-    c = _at_least_float32(correlation_weights)
+    c = at_least_float32(correlation_weights)
     scaled_i2t = c[:, None] * logits  # (G, G) row i scaled by c_i
     scaled_t2i = c[:, None] * logits.T
     c_detached = c.detach()

@@ -30,11 +30,11 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import Collate, MimicCXR, OpenI
+from data import Collate, MimicCXR, OpenI, build_cache, cache_is_complete, training_workers
 from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import append_line, check_writable, read_checkpoint, read_log, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
-from util.devices import autocast, setup_distributed, uses_bf16
+from util.devices import PRECISIONS, autocast, describe_precision, resolve_precision, setup_distributed
 from util.run_guard import OutDirLock, StopSignals, ignore_stop_signals
 from util.tokenizer import load_tokenizer, train_tokenizer
 
@@ -45,10 +45,10 @@ RECIPES = {
 }
 MAX_EMPTY_STEPS = 10  # consecutive steps without one readable image: the data is broken, stop
 RESUME_KEYS = ("model", "model_config", "train_config", "tokenizer", "optimizer", "step")
-# settings a resumed run takes from the command line; the intervals only if given (and printed); all others
-# come from the checkpoint
+# settings a resumed run takes from the command line; the intervals and the precision only if given (and printed);
+# all others come from the checkpoint
 SESSION_FIELDS = ("resume", "out_dir", "overwrite", "device", "num_workers", "stop_after_steps", "compile", "eval")
-INTERVAL_FIELDS = ("log_interval", "ckpt_interval")
+OVERRIDABLE_FIELDS = ("log_interval", "ckpt_interval", "precision")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class TrainConfig:
                            "(mae_pretrain_vit_base.pth) for the image encoder, or the released MaCo weights (maco.pth, "
                            "with --tokenizer mimic_wordpiece.json) for the whole model")
     resume: str = option("", "checkpoint to continue from; it keeps its settings except "
-                         + ", ".join(SESSION_FIELDS[1:] + INTERVAL_FIELDS) + ". With another --out-dir the run "
+                         + ", ".join(SESSION_FIELDS[1:] + OVERRIDABLE_FIELDS) + ". With another --out-dir the run "
                          "continues there as a branch; the source is never written")
     out_dir: str = option("runs/maco", "where the checkpoint, log and plots go")
     overwrite: bool = option(False, "start afresh in an --out-dir that already holds a run (its files are replaced)")
@@ -85,7 +85,11 @@ class TrainConfig:
     seed: int = option(0, "random seed", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     compile: bool = option(False, "torch.compile the model")
-    num_workers: int = option(2, "DataLoader worker processes", minimum=0)
+    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs and CPUs with native bf16, see "
+                                    "docs/speed.md; a resumed run keeps its checkpoint's unless given)",
+                            choices=PRECISIONS)
+    num_workers: int = option(None, "DataLoader worker processes (default: 0 when every image is cached, else 2)",
+                              minimum=0)
     log_interval: int = option(10, "optimizer steps between log lines (and host syncs)", minimum=1)
     ckpt_interval: int = option(200, "optimizer steps between checkpoints (one is always written at the end)",
                                 minimum=1)
@@ -157,7 +161,7 @@ def resume_config(cfg: TrainConfig, checkpoint: dict, given: set[str]) -> TrainC
     if unknown:
         raise ValueError(f"--resume {cfg.resume}: written by another version of train.py (settings {sorted(unknown)})")
     saved = TrainConfig(**checkpoint["train_config"])
-    for name in sorted(given - set(SESSION_FIELDS + INTERVAL_FIELDS)):
+    for name in sorted(given - set(SESSION_FIELDS + OVERRIDABLE_FIELDS)):
         if name == "model":
             stored = checkpoint["model_config"]
             clashes = {k: v for k, v in cfg.model.items() if stored.get(k) != v}
@@ -167,9 +171,10 @@ def resume_config(cfg: TrainConfig, checkpoint: dict, given: set[str]) -> TrainC
             held = checkpoint["model_config"].get(key) if name == "model" else getattr(saved, key)
             raise ValueError(f"--resume {cfg.resume}: --{key.replace('_', '-')} {value} contradicts the checkpoint's "
                              f"{held}; a resumed run keeps its settings (start a new run to change them)")
-    changed = {k: getattr(cfg, k) for k in INTERVAL_FIELDS if k in given and getattr(cfg, k) != getattr(saved, k)}
+    changed = {k: getattr(cfg, k) for k in OVERRIDABLE_FIELDS if k in given and getattr(cfg, k) != getattr(saved, k)}
     if changed:
-        print("resume: " + ", ".join(f"--{k.replace('_', '-')} {v} (was {getattr(saved, k)})" for k, v in changed.items()))
+        print("resume: " + ", ".join(f"--{k.replace('_', '-')} {v} (was {getattr(saved, k)})"
+                                     for k, v in changed.items()))
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in SESSION_FIELDS}, **changed)
 
 
@@ -218,6 +223,11 @@ def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     cache = Path(cfg.cache) if cfg.cache else root / f"cache-{size}"
+    if cfg.data == "synthetic" and not cfg.cache and not cache_is_complete(cache):
+        if is_main:  # the synthetic world is small: its images are resized once, and training never decodes a JPEG
+            build_cache(MimicCXR(root, split=None, image_size=size), cache, workers=2)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     cache = cache if (cfg.cache or cache.exists()) else None
     common = dict(image_size=size, in_chans=model_cfg.in_chans, augment=True, cache=cache, seed=cfg.seed)
     if cfg.data == "openi":
@@ -236,8 +246,12 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     model_cfg = (MaCoConfig(**checkpoint["model_config"]) if checkpoint
                  else MaCoConfig.preset(cfg.preset, **cfg.model))
     rank, world, device = setup_distributed(cfg.device)
+    precision_note = describe_precision(cfg.precision, device)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # what the checkpoint records
     out_dir = prepare_out_dir(cfg, rank == 0, checkpoint["step"] if checkpoint else None)
     dataset = build_dataset(cfg, model_cfg, rank == 0)
+    if cfg.num_workers is None:
+        cfg = dataclasses.replace(cfg, num_workers=training_workers(dataset))
     if len(dataset) == 0:
         raise FileNotFoundError("no image of this selection has a report to pair it with (the summary above counts "
                                 "what was skipped); check --root, the report files or --report-source "
@@ -277,7 +291,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
     if run.is_main:
         what = f"resumed at step {start_step} from {cfg.resume}," if checkpoint else f"training {cfg.preset}"
         print(f"{what} MaCo on {len(dataset)} {cfg.data} pairs, {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-              f"batch {cfg.batch_size} x {world} process(es), device {device}{' (bf16)' if uses_bf16(device) else ''}"
+              f"batch {cfg.batch_size} x {world} process(es), {cfg.num_workers} loader workers, device {device}, "
+              f"{precision_note}"
               f"; writing to {out_dir}")
     return run
 
@@ -335,7 +350,7 @@ def train_step(run: Run, step: int, batches: list[dict]) -> dict:
         if batch["images"] is None:
             continue
         images = batch["images"].to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, cfg.precision):
             out = run.train_model(images, batch["input_ids"].to(device, non_blocking=True),
                                   batch["attention_mask"].to(device, non_blocking=True))
         (out["loss"] / cfg.accum_steps).backward()
@@ -382,7 +397,7 @@ def evaluate_at_end(run: Run) -> dict:
     """Zero-shot classification and grounding on the synthetic test split, written to <out_dir>/eval."""
     from eval_zeroshot import EvalConfig, format_results, run_evaluation
     eval_cfg = EvalConfig(ckpt=str(run.out_dir / "checkpoint.pt"), data="synthetic", root=run.cfg.root,
-                          out=str(run.out_dir / "eval"), device=str(run.device))
+                          out=str(run.out_dir / "eval"), device=str(run.device), precision=run.cfg.precision)
     results = run_evaluation(eval_cfg, run.model.eval(), run.tokenizer)
     print(format_results(results))
     return results

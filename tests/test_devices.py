@@ -1,5 +1,6 @@
 """The GPU-only paths, checked on a CPU by simulating CUDA: device choice on one GPU, an explicit --device cuda:N,
-torchrun with two local ranks (NCCL), bf16 autocast, fused AdamW, pinned memory and --compile."""
+torchrun with two local ranks (NCCL), the precision `auto` picks, bf16 autocast, fused AdamW, pinned memory and
+--compile."""
 
 import pytest
 import torch
@@ -77,13 +78,34 @@ def test_a_device_that_is_not_there_is_a_clear_error(fake_cuda, name, message):
         devices.pick_device(name)
 
 
-def test_bf16_autocast_only_on_gpus_that_support_it(fake_cuda):
+def test_auto_precision_is_bf16_on_gpus_with_bf16_and_on_cpus_with_native_bf16(fake_cuda, monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     fake_cuda(1, bf16=True)
-    context = devices.autocast(torch.device("cuda", 0))
-    assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16 and context.device == "cuda"
-    assert not isinstance(devices.autocast(torch.device("cpu")), torch.autocast)
+    assert devices.resolve_precision("auto", gpu) == "bf16"
     fake_cuda(1, bf16=False)
-    assert not devices.uses_bf16(torch.device("cuda", 0))
+    assert devices.resolve_precision("auto", gpu) == "fp32"
+    with pytest.raises(ValueError, match="does not support bf16"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla T4")
+        devices.resolve_precision("bf16", gpu)
+    for flags, expected in [({"amx_bf16": True, "avx512_bf16": True}, "bf16"),  # Intel Sapphire Rapids
+                            ({"amx_bf16": False, "avx512_bf16": True}, "bf16"),  # AMD Zen 4
+                            ({"amx_bf16": False, "avx512_bf16": False, "avx2": True}, "fp32"),  # bf16 emulated
+                            ({"architecture": "aarch64"}, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+        assert devices.resolve_precision("auto", cpu) == expected, flags
+        assert devices.describe_precision("auto", cpu).startswith(f"precision {expected} (auto: ")
+    assert devices.resolve_precision("fp32", cpu) == "fp32" and devices.resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_bf16_autocast_on_the_device_and_nothing_for_fp32(fake_cuda):
+    fake_cuda(1, bf16=True)
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        context = devices.autocast(device, "bf16")
+        assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16
+        assert context.device == device.type
+        assert not isinstance(devices.autocast(device, "fp32"), torch.autocast)
+    with pytest.raises(ValueError, match="resolved precision"):
+        devices.autocast(torch.device("cpu"), "auto")
 
 
 def test_adamw_is_fused_for_cuda_and_not_for_the_cpu():

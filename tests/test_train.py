@@ -105,8 +105,10 @@ def test_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoint(
 # Reliability: unreadable images, output folders, resuming
 
 def copy_world(source, target, images: str):
-    """A copy of the synthetic world whose JPEGs are kept, deleted ("missing") or overwritten ("corrupt")."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.jpg") if images == "missing" else None)
+    """A copy of the synthetic world, without its image caches, whose JPEGs are kept, deleted ("missing") or
+    overwritten ("corrupt")."""
+    skipped = ("cache-*", "*.jpg") if images == "missing" else ("cache-*",)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*skipped))
     if images == "corrupt":
         for path in target.rglob("*.jpg"):
             path.write_bytes(b"not a jpeg")
@@ -123,7 +125,7 @@ def test_a_world_without_any_image_file_stops_at_once_with_a_clear_error(synthet
 
 def test_a_world_without_any_report_stops_at_once_with_a_clear_error(synthetic_root, tmp_path, capsys):
     root = tmp_path / "world"
-    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns("*.txt"))
+    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns("*.txt", "cache-*"))
     argv = ["--data", "mimic", "--root", str(root), "--preset", "tiny", "--epochs", "1", "--batch-size", "16",
             "--num-workers", "0", "--out-dir", str(tmp_path / "run")]
     assert train.main(argv) == 2

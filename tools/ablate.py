@@ -65,7 +65,8 @@ class AblateConfig:
                            "finished runs are kept, so this redraws them without training)")
     quick: bool = option(False, "a wiring check for CI: a 400-study world, 30 steps, one seed, two variants")
     n_boot: int = option(1000, "bootstrap resamples of the 95% intervals", minimum=10)
-    num_workers: int = option(2, "DataLoader workers of training", minimum=0)
+    num_workers: int = option(None, "DataLoader workers of training (default: train.py's, 0 when every image is "
+                                    "cached, else 2)", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
