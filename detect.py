@@ -44,7 +44,7 @@ from maco import PRESETS
 from util import eval_datasets
 from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
-from util.devices import autocast, pick_device
+from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import box_ap_metrics, interval_table
 from util.run_guard import OutDirLock
 
@@ -120,6 +120,8 @@ class DetectConfig:
     n_boot: int = option(1000, "bootstrap resamples for the 95% intervals", minimum=1)
     seed: int = option(0, "seed of the training subsets, the new layers and the data order", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs and CPUs with native bf16, see "
+                                    "docs/speed.md); the losses are float32 either way", choices=PRECISIONS)
     workers: int = option(None, "DataLoader worker processes (recipe: 8 RSNA, 0 synthetic)", minimum=0)
 
     def __post_init__(self):
@@ -347,7 +349,7 @@ def predict(model: FasterRCNN, dataset: DetectionDataset, setting: DetectConfig,
     model.eval()
     predictions = []
     for images, _ in loader(dataset, setting.batch_size, setting, device):
-        with autocast(device):
+        with autocast(device, setting.precision):
             detections = model([image.to(device) for image in images])
         predictions += [(d["boxes"].float().cpu().numpy(), d["scores"].float().cpu().numpy()) for d in detections]
     model.train(was_training)
@@ -373,7 +375,7 @@ def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, des
         images, targets = next(batches)
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets]
-        with autocast(device):
+        with autocast(device, setting.precision):
             loss = sum(model(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -428,6 +430,8 @@ def run_experiment(cfg: DetectConfig) -> dict:
     start = time.time()
     runs = resolve(cfg)
     device = pick_device(cfg.device)
+    print(describe_precision(cfg.precision, device))
+    runs = [dataclasses.replace(setting, precision=resolve_precision(cfg.precision, device)) for setting in runs]
     out_dir = check_writable(cfg.out_dir, "--out-dir")
     if cfg.figure:
         check_writable(Path(cfg.figure).parent, "--figure")

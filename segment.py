@@ -46,7 +46,7 @@ from maco import PRESETS
 from util import eval_datasets
 from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
-from util.devices import autocast, pick_device
+from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
 from util.run_guard import OutDirLock
 
@@ -107,6 +107,8 @@ class SegmentConfig:
     n_boot: int = option(1000, "bootstrap resamples for the 95% intervals", minimum=1)
     seed: int = option(0, "seed of the mask subsets, the head initialisation and the data order", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = option("auto", "bf16 autocast or fp32 (auto: bf16 on GPUs and CPUs with native bf16, see "
+                                    "docs/speed.md); the losses are float32 either way", choices=PRECISIONS)
     workers: int = option(None, "DataLoader worker processes (recipe: 8 SIIM, 0 synthetic)", minimum=0)
 
     def __post_init__(self):
@@ -398,14 +400,14 @@ def build_segmenter(init: dict, setting: SegmentConfig, device) -> Segmenter:
 
 
 @torch.no_grad()
-def predict(model: Segmenter, loader, device, keep: int = 0) -> tuple[np.ndarray, list]:
+def predict(model: Segmenter, loader, device, precision: str, keep: int = 0) -> tuple[np.ndarray, list]:
     """(overlap counts (N, 3) of the argmax masks, [(image (S, S), truth, prediction)] of the first `keep` images
     with a pneumothorax) over the batches of `loader`."""
     was_training = model.training
     model.eval()
     counts, kept = [], []
     for images, masks in loader:
-        with autocast(device):
+        with autocast(device, precision):
             logits, _ = model(images.to(device, non_blocking=True))
         predicted = logits.float().argmax(1).cpu()  # (B, S, S)
         counts.append(overlap_counts(predicted == 1, masks == 1))
@@ -436,7 +438,7 @@ def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, des
             group["lr"] = lr * group["lr_scale"]
         images, masks = next(batches)
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, setting.precision):
             logits, aux_logits = model(images)
         loss = segmentation_loss(logits, masks)
         if aux_logits is not None:
@@ -469,13 +471,13 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
     train_set = SegmentationDataset(data["train"], setting.img_size, in_chans, masks, flip=True)
     batches = iter(loader(train_set, setting, device, EndlessPermutations(len(train_set), setting.seed)))
     val = loader(SegmentationDataset(data["val"], setting.img_size, in_chans, masks), setting, device)
-    history = fit(model, batches, setting, lambda: dice_scores(predict(model, val, device)[0])["med_dice"],
+    history = fit(model, batches, setting, lambda: dice_scores(predict(model, val, device, setting.precision)[0])["med_dice"],
                   device, f"{setting.recipe} {init['name']}")
     save_checkpoint(run_dir(setting, init) / "best.pt", {
         "segmenter": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
         "segment_config": dataclasses.asdict(setting), "init": init["label"], "step": history["best_step"]})
     test = loader(SegmentationDataset(data["test"], setting.img_size, in_chans, masks), setting, device)
-    counts, overlays = predict(model, test, device, keep=setting.overlays)
+    counts, overlays = predict(model, test, device, setting.precision, keep=setting.overlays)
     # the same Dice on (up to 128) training images: the gap to the test Dice is what a test image that is also a
     # training image gains (the released lists' overlap, docs/segmentation.md §5)
     seen = loader(SegmentationDataset(data["train"][:128], setting.img_size, in_chans, masks), setting, device)
@@ -487,7 +489,7 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
                   validations=history["validations"], first_loss=losses[0] if losses else None,
                   last_loss=float(np.mean(losses[-5:])) if losses else None, split_notes=data["notes"],
                   seconds=round(time.time() - began, 1), weights=str(run_dir(setting, init) / "best.pt"),
-                  train_subset=dice_scores(predict(model, seen, device)[0]),
+                  train_subset=dice_scores(predict(model, seen, device, setting.precision)[0]),
                   test=segmentation_metrics(counts, setting.n_boot, setting.seed))
     if overlays:
         plot_overlays(overlays, f"{setting.recipe}, {init['label']}", run_dir(setting, init) / "overlays.png")
@@ -499,6 +501,8 @@ def run_experiment(cfg: SegmentConfig) -> dict:
     start = time.time()
     runs = resolve(cfg)
     device = pick_device(cfg.device)
+    print(describe_precision(cfg.precision, device))
+    runs = [dataclasses.replace(setting, precision=resolve_precision(cfg.precision, device)) for setting in runs]
     out_dir = check_writable(cfg.out_dir, "--out-dir")
     if cfg.figure:
         check_writable(Path(cfg.figure).parent, "--figure")

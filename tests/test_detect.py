@@ -253,7 +253,7 @@ def test_a_short_run_lowers_the_loss():
     torch.manual_seed(0)
     cfg = MaCoConfig.preset("tiny")
     run = dt.DetectConfig(img_size=64, pyramid_channels=16, box_head_width=32, proposals=50, rois_per_image=32,
-                          lr=1e-3, steps=12, warmup_steps=2, eval_interval=100, drop_path=0.0)
+                          lr=1e-3, steps=12, warmup_steps=2, eval_interval=100, drop_path=0.0, precision="fp32")
     detector = dt.build_detector(new_encoder(cfg), run, 1)
     images = [torch.rand(1, 64, 64) for _ in range(4)]
     for image in images:

@@ -217,7 +217,7 @@ def test_a_short_run_lowers_the_loss():
     torch.manual_seed(0)
     cfg = MaCoConfig.preset("tiny")
     run = sg.SegmentConfig(img_size=64, head_channels=16, aux_channels=8, lr=1e-3, steps=10, warmup_steps=2,
-                           eval_interval=100, drop_path=0.0)
+                           eval_interval=100, drop_path=0.0, precision="fp32")
     model = sg.build_segmenter(dict(encoder=new_encoder(cfg), cfg=cfg), run, torch.device("cpu"))
     images = torch.randn(2, 1, 64, 64)
     masks = torch.zeros(2, 64, 64, dtype=torch.int64)
