@@ -25,7 +25,7 @@ from util.tokenizer import train_tokenizer
 
 
 def write_train_checkpoint(path, **overrides) -> MaCo:
-    """A checkpoint with the keys train.py writes that maco.load_checkpoint needs; weights drawn with seed 1."""
+    """A checkpoint with the keys train.py writes that maco.load needs; weights drawn with seed 1."""
     tokenizer = train_tokenizer(["no finding. ", "small left pleural effusion. "], vocab_size=100)
     cfg = MaCoConfig.preset("tiny", vocab_size=tokenizer.get_vocab_size(), **overrides)
     torch.manual_seed(1)
