@@ -15,6 +15,7 @@ vit.py keeps its position embeddings in a fixed, persistent buffer (2-D sine-cos
 brought), so resizing replaces that buffer with the interpolated one: still a buffer, still saved with the weights.
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maco import PRESETS, MaCo, MaCoConfig, load
+from util.checkpoint import check_writable
+from util.devices import describe_precision, pick_device, resolve_precision
 from vit import VisionTransformer
 
 RELEASED_BLOCKS = (3, 5, 7, 11)  # the released out_indices of ViT-B's 12 blocks (blocks 4, 6, 8 and 12)
@@ -199,3 +202,15 @@ def encoders_to_compare(setting) -> list[dict]:
     if setting.img_size % patch:
         raise ValueError(f"--img-size {setting.img_size} is not a multiple of the encoder's patch size {patch}")
     return inits
+
+
+def set_up_runs(cfg, runs: list) -> tuple[list, torch.device, Path, list[dict]]:
+    """What segment.py and detect.py do before training: the device, the precision resolved into every run's
+    settings (and said once), the output folders checked, and the encoders to compare."""
+    device = pick_device(cfg.device)
+    print(describe_precision(cfg.precision, device))
+    runs = [dataclasses.replace(setting, precision=resolve_precision(cfg.precision, device)) for setting in runs]
+    out_dir = check_writable(cfg.out_dir, "--out-dir")
+    if cfg.figure:
+        check_writable(Path(cfg.figure).parent, "--figure")
+    return runs, device, out_dir, encoders_to_compare(runs[0])

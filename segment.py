@@ -36,17 +36,17 @@ from backbone import (
     ViTBackbone,
     block_indices_for,
     check_encoder_flags,
-    encoders_to_compare,
     layer_decay_groups,
     resize_pos_embed,
+    set_up_runs,
 )
 from data import read_csv
 from finetune import EndlessPermutations, label_subset
 from maco import PRESETS
 from util import eval_datasets
-from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
+from util.checkpoint import save_checkpoint, write_atomic, write_json
 from util.cli import check_options, option, run_script
-from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
+from util.devices import PRECISIONS, autocast
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
 from util.run_guard import OutDirLock
 
@@ -499,14 +499,7 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
 def run_experiment(cfg: SegmentConfig) -> dict:
     """Every recipe of cfg.recipe x initialisation; writes metrics.json and the figures; returns the summary."""
     start = time.time()
-    runs = resolve(cfg)
-    device = pick_device(cfg.device)
-    print(describe_precision(cfg.precision, device))
-    runs = [dataclasses.replace(setting, precision=resolve_precision(cfg.precision, device)) for setting in runs]
-    out_dir = check_writable(cfg.out_dir, "--out-dir")
-    if cfg.figure:
-        check_writable(Path(cfg.figure).parent, "--figure")
-    inits = encoders_to_compare(runs[0])
+    runs, device, out_dir, inits = set_up_runs(cfg, resolve(cfg))
     masks, results, examples = {}, [], {}
     for setting in runs:
         data = load_data(setting)
