@@ -159,6 +159,19 @@ def preset_name(cfg: MaCoConfig) -> str:
                                                   for k in keys)), "custom")
 
 
+def recipe_settings(cfg, recipes: dict, groups: dict) -> list[tuple[str, dict, object]]:
+    """(name, recipe, settings) for each recipe cfg.recipe names (a group runs several): the recipe's value for every
+    setting left unset (None). An MAE (--init) or a random (--scratch) encoder replaces the recipe's checkpoint."""
+    result = []
+    for name in groups.get(cfg.recipe, [cfg.recipe]):
+        recipe = recipes[name]
+        filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
+        if cfg.init or cfg.scratch:
+            filled.pop("ckpt", None)
+        result.append((name, recipe, dataclasses.replace(cfg, recipe=name, **filled)))
+    return result
+
+
 def check_encoder_flags(cfg, groups: dict) -> None:
     """The flags that choose the encoder, and --label-fraction, checked together (a script config's __post_init__;
     `groups`: recipe name -> the recipes it runs)."""

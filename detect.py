@@ -37,7 +37,14 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from backbone import ViTBackbone, check_encoder_flags, layer_decay_groups, resize_pos_embed, set_up_runs
+from backbone import (
+    ViTBackbone,
+    check_encoder_flags,
+    layer_decay_groups,
+    recipe_settings,
+    resize_pos_embed,
+    set_up_runs,
+)
 from data import IMAGE_MEAN, IMAGE_STD, check_root, read_csv, resize_to_square
 from finetune import EndlessPermutations, label_subset
 from maco import PRESETS
@@ -134,12 +141,7 @@ class DetectConfig:
 def resolve(cfg: DetectConfig) -> list[DetectConfig]:
     """One complete configuration per recipe of cfg.recipe: the recipe's values for every setting left unset."""
     runs = []
-    for name in GROUPS.get(cfg.recipe, [cfg.recipe]):
-        recipe = RECIPES[name]
-        filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
-        if cfg.init or cfg.scratch:
-            filled.pop("ckpt", None)
-        setting = dataclasses.replace(cfg, recipe=name, **filled)
+    for name, recipe, setting in recipe_settings(cfg, RECIPES, GROUPS):
         if not setting.root:
             raise ValueError(f"--recipe {name} needs --root, the RSNA folder ({LABELS_CSV} and the images)")
         if recipe["data"] == "synthetic" and setting.split_dir:

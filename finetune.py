@@ -36,7 +36,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from backbone import check_encoder_flags, new_encoder, preset_name
+from backbone import check_encoder_flags, new_encoder, preset_name, recipe_settings
 from data import grey_8bit, to_model_input
 from eval_zeroshot import plot_roc
 from maco import PRESETS, MaCo, MaCoConfig, load
@@ -130,12 +130,7 @@ class FinetuneConfig:
 def resolve(cfg: FinetuneConfig) -> list[FinetuneConfig]:
     """One complete configuration per recipe of cfg.recipe: the recipe's values for every setting left unset."""
     runs = []
-    for name in GROUPS.get(cfg.recipe, [cfg.recipe]):
-        recipe = RECIPES[name]
-        filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
-        if cfg.init or cfg.scratch:
-            filled.pop("ckpt", None)  # an MAE or a random encoder replaces the recipe's checkpoint
-        setting = dataclasses.replace(cfg, recipe=name, **filled)
+    for name, recipe, setting in recipe_settings(cfg, RECIPES, GROUPS):
         if setting.figure is None:
             setting = dataclasses.replace(setting, figure=str(Path(cfg.out_dir) / "label_efficiency.png"))
         if not setting.root:

@@ -37,6 +37,7 @@ from backbone import (
     block_indices_for,
     check_encoder_flags,
     layer_decay_groups,
+    recipe_settings,
     resize_pos_embed,
     set_up_runs,
 )
@@ -119,12 +120,7 @@ class SegmentConfig:
 def resolve(cfg: SegmentConfig) -> list[SegmentConfig]:
     """One complete configuration per recipe of cfg.recipe: the recipe's values for every setting left unset."""
     runs = []
-    for name in GROUPS.get(cfg.recipe, [cfg.recipe]):
-        recipe = RECIPES[name]
-        filled = {key: value for key, value in recipe.items() if hasattr(cfg, key) and getattr(cfg, key) is None}
-        if cfg.init or cfg.scratch:
-            filled.pop("ckpt", None)
-        setting = dataclasses.replace(cfg, recipe=name, **filled)
+    for name, recipe, setting in recipe_settings(cfg, RECIPES, GROUPS):
         if not setting.root:
             raise ValueError(f"--recipe {name} needs --root, the SIIM-ACR folder (train-rle.csv and the images)")
         if recipe["data"] == "siim" and not setting.split_dir:
