@@ -287,7 +287,9 @@ def load(path, tokenizer=None, device="cpu", *, into: MaCo | None = None, preset
             raise ValueError(f"weights {path}: neither a train.py checkpoint (no model_config) nor the released MaCo "
                              f"weights (no bert_encoder.* keys); an MAE checkpoint loads only into a model's image "
                              f"encoder (maco.load(path, into=model))")
-        _print(_load_mae_encoder(into, checkpoint, path), verbose)
+        report = _load_mae_encoder(into, checkpoint, path)
+        if verbose:
+            print(report)
         return into.to(device), None
     if tokenizer is None:
         raise ValueError(f"{path} holds the released MaCo weights, which come without a tokenizer: pass the released "
@@ -298,13 +300,10 @@ def load(path, tokenizer=None, device="cpu", *, into: MaCo | None = None, preset
     elif "pos_embed" in state and state["pos_embed"].shape[-1] != into.cfg.width:
         raise ValueError(f"{path}: its image encoder is {state['pos_embed'].shape[-1]} wide, this model's "
                          f"{into.cfg.width}: choose the file's preset (the released maco.pth is --preset base)")
-    _print(load_state(into, state, str(path)), verbose)
-    return into.to(device).eval(), tokenizer
-
-
-def _print(report, verbose: bool) -> None:
+    report = load_state(into, state, str(path))
     if verbose:
         print(report)
+    return into.to(device).eval(), tokenizer
 
 
 def _from_train_checkpoint(checkpoint: dict, path, tokenizer, device) -> tuple[MaCo, Tokenizer]:
