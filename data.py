@@ -157,6 +157,28 @@ def report_to_caption(report: str, generator: torch.Generator | None = None, det
     return "".join(sentence.lower() + ". " for sentence in sentences)
 
 
+# Caption sources (train.py --captions; docs/alignment.md): which sentences of a report the captions are drawn from.
+CAPTION_SOURCES = ("report", "impression", "positive")
+# A sentence with one of these words states what is absent or normal (a NegEx-style cue list, kept short).
+NEGATION_CUE = re.compile(r"\b(no|not|without|negative|normal|unremarkable|clear|intact|free)\b", re.IGNORECASE)
+NO_FINDING_CAPTION = "No acute cardiopulmonary process."  # the positive-only report of a study with nothing positive
+
+
+def positive_report(report: str) -> str:
+    """The report's sentences without a negation cue (NEGATION_CUE), joined; NO_FINDING_CAPTION when none is left.
+    "Small left pleural effusion. No pneumothorax." -> "Small left pleural effusion." """
+    kept = [sentence for sentence in report_sentences(report) if not NEGATION_CUE.search(sentence)]
+    return " ".join(sentence + "." for sentence in kept) or NO_FINDING_CAPTION
+
+
+def caption_reports(reports: dict[str, str], source: str) -> dict[str, str]:
+    """The reports captions are drawn from under a caption source: "report" and "impression" keep them as the
+    dataset read them (the sections are chosen when reading), "positive" keeps only their positive sentences."""
+    if source not in CAPTION_SOURCES:
+        raise ValueError(f"caption source {source!r}: choose one of {', '.join(CAPTION_SOURCES)}")
+    return {key: positive_report(text) for key, text in reports.items()} if source == "positive" else reports
+
+
 _SECTION_HEADER = re.compile(r"^ *([A-Z][A-Z /&()-]*?) *:", re.MULTILINE)  # MIMIC style: " FINDINGS:"
 
 

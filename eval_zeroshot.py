@@ -263,7 +263,7 @@ def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers:
     rows), with the phrase of a different finding (`swapped`, see swapped_phrases) and with the empty phrase
     (`prior_only`: the bare [CLS] embedding, what the prior and the image give without words). A model that
     grounds words scores far lower with the swapped phrase than with its own. Both readouts are measured:
-    `readout` picks the headline one, the other's three summaries are kept under `other_readout`.
+    `readout` picks the headline one, the other's three summaries (and pairs) are kept under `other_readout`.
     A box that floors to nothing in the model's frame (a few pixels wide at a small input size) has no
     defined metric: such pairs are counted as `skipped_empty_boxes`, not scored."""
     if readout not in READOUTS:
@@ -310,7 +310,8 @@ def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers:
                 swapped=dict(**grounding_summary(swapped_rows), pairs=swapped_rows,
                              same_image_fraction=float(np.mean([p["swapped_same_image"] for p in swapped_rows]))),
                 prior_only=dict(**grounding_summary(scored[readout, "prior_only"]), pairs=scored[readout, "prior_only"]),
-                other_readout=dict(readout=other, **{c: grounding_summary(scored[other, c]) for c in PHRASES}))
+                other_readout=dict(readout=other, **{c: dict(**grounding_summary(scored[other, c]), pairs=scored[other, c])
+                                                     for c in PHRASES}))
 
 
 # ----------------------------------------------------------------------------- outputs

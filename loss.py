@@ -35,14 +35,22 @@ def contrastive_logits(img_emb, txt_emb, logit_scale):
     return at_least_float32(logit_scale) * img @ txt.T
 
 
-def clip_loss(img_emb, txt_emb, logit_scale):
-    """Symmetric InfoNCE: 1/2 [CE(L) + CE(L^T)], pair i's target is i. img_emb, txt_emb (G, D); scalar logit_scale."""
-    logits = contrastive_logits(img_emb, txt_emb, logit_scale)  # (G, G)
+def without_negatives(logits, excluded):
+    """The logits with the excluded (i, j) pairs set to -inf, so they are not negatives in a cross-entropy row (and
+    get no gradient). excluded: (G, G) bool, symmetric, False on the diagonal; None leaves the logits as they are.
+    An option (MaCoConfig.mask_identical_captions): pairs whose captions are identical are false negatives."""
+    return logits if excluded is None else logits.masked_fill(excluded, float("-inf"))
+
+
+def clip_loss(img_emb, txt_emb, logit_scale, excluded=None):
+    """Symmetric InfoNCE: 1/2 [CE(L) + CE(L^T)], pair i's target is i. img_emb, txt_emb (G, D); scalar logit_scale.
+    excluded: optional (G, G) bool of pairs that are not negatives (`without_negatives`)."""
+    logits = without_negatives(contrastive_logits(img_emb, txt_emb, logit_scale), excluded)  # (G, G)
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def correlation_weighted_contrastive_loss(img_emb, txt_emb, correlation_weights, logit_scale):
+def correlation_weighted_contrastive_loss(img_emb, txt_emb, correlation_weights, logit_scale, excluded=None):
     """Decision D5, exactly the released form:
 
         L_con = 1/4 [ CE(diag(c) L) + CE(diag(c) L^T) + WCE(L; sg(c)) + WCE(L^T; sg(c)) ]
@@ -51,12 +59,14 @@ def correlation_weighted_contrastive_loss(img_emb, txt_emb, correlation_weights,
     logit_scale s: scalar tensor (already clamped). Row i of either direction is scaled by c_i, the weight of
     pair i. WCE is PyTorch's weighted cross-entropy: sum_i c_i CE_i / sum_i c_i, with c detached, so the
     correlation head learns only through the scaled logits of the first two terms.
+    excluded: optional (G, G) bool of pairs that are not negatives, set to -inf after the scaling (`without_negatives`).
     """
     logits = contrastive_logits(img_emb, txt_emb, logit_scale)  # (G, G)
     targets = torch.arange(logits.shape[0], device=logits.device)
     c = at_least_float32(correlation_weights)
-    scaled_i2t = c[:, None] * logits  # (G, G) row i scaled by c_i
-    scaled_t2i = c[:, None] * logits.T
+    scaled_i2t = without_negatives(c[:, None] * logits, excluded)  # (G, G) row i scaled by c_i
+    scaled_t2i = without_negatives(c[:, None] * logits.T, excluded)
+    logits = without_negatives(logits, excluded)
     c_detached = c.detach()
     return (F.cross_entropy(scaled_i2t, targets) + F.cross_entropy(scaled_t2i, targets)
             + F.cross_entropy(logits, targets, weight=c_detached)

@@ -54,6 +54,7 @@ class MaCoConfig:
     lam: float = 0.5  # D3: loss = lam * L_rec + (1 - lam) * L_con
     norm_pix_loss: bool = False  # normalise each target patch (off in MaCo's recipe)
     correlation_weighting: bool = True  # D5: correlation-weighted loss; off = plain symmetric InfoNCE
+    mask_identical_captions: bool = False  # pairs with identical captions are not negatives (an option, off in MaCo)
     logit_scale_init: float = 1 / 0.03  # D4: initial raw inverse temperature
     logit_scale_max: float = 100.0  # D4: the inverse temperature is clamped at this value
 
@@ -119,6 +120,13 @@ PRESETS = {
                  vocab_size=4096, text_width=128, text_depth=2, text_num_heads=2, text_ffn_width=512,
                  embed_dim=192),
 }
+
+
+def caption_keys(input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids (B, T) -> (B,) int64 keys, equal for equal token sequences whatever the padding ([PAD] is id 0): a
+    fixed random linear hash with int64 wrap-around, so unequal captions collide with probability ~2^-64."""
+    weights = torch.randint(-2 ** 62, 2 ** 62, (input_ids.shape[1],), generator=torch.Generator().manual_seed(0))
+    return (input_ids.long() * weights.to(input_ids.device)).sum(dim=1)
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -232,12 +240,17 @@ class MaCo(nn.Module):
         image_emb, text_emb, correlation_scores = (all_gather_with_grad(t)
                                                    for t in (image_emb, text_emb, correlation_scores))  # (G, ...)
         logit_scale = self.logit_scale.clamp(max=cfg.logit_scale_max)  # D4
+        excluded = None
+        if cfg.mask_identical_captions:  # (G, G) True for two different pairs with the same caption
+            keys = all_gather_with_grad(caption_keys(input_ids))  # (G,)
+            excluded = (keys[:, None] == keys[None, :]) & ~torch.eye(len(keys), dtype=torch.bool, device=keys.device)
         if cfg.correlation_weighting:
             correlation_weights = F.softplus(correlation_scores)  # (G,) c = log(1 + e^r), computed stably
-            loss_con = correlation_weighted_contrastive_loss(image_emb, text_emb, correlation_weights, logit_scale)
+            loss_con = correlation_weighted_contrastive_loss(image_emb, text_emb, correlation_weights, logit_scale,
+                                                             excluded)
         else:
             correlation_weights = torch.ones_like(correlation_scores)
-            loss_con = clip_loss(image_emb, text_emb, logit_scale)
+            loss_con = clip_loss(image_emb, text_emb, logit_scale, excluded)
         loss = cfg.lam * loss_rec + (1 - cfg.lam) * loss_con if cfg.mask_ratio > 0 else loss_con
         return {"loss": loss, "loss_rec": loss_rec, "loss_con": loss_con, "correlation_weights": correlation_weights,
                 "logit_scale": logit_scale, "pred": pred, "mask": mask}
@@ -274,13 +287,15 @@ def load(path, tokenizer=None, device="cpu", *, into: MaCo | None = None, preset
         preset (default: the one whose widths fit the file);
       - MAE's ImageNet checkpoint (mae_pretrain_vit_base.pth): image encoder weights only, so it needs `into`.
     `into`: copy the file's weights into this existing model instead (train.py --init, finetune.py --init): the
-    whole model from the released weights, the image encoder from MAE's. Returns (into, tokenizer or None)."""
+    whole model from a train.py checkpoint (a warm start, docs/alignment.md; `into` must have its shapes and use its
+    tokenizer) or from the released weights, the image encoder from MAE's. Returns (into, tokenizer or None)."""
     checkpoint = read_weights(path, "weights")
     if "model_config" in checkpoint:
-        if into is not None:
-            raise ValueError(f"{path} is a train.py checkpoint: load it with maco.load(path), or continue training "
-                             f"it with train.py --resume (into another --out-dir for a branch)")
-        return _from_train_checkpoint(checkpoint, path, tokenizer, device)
+        model, own_tokenizer = _from_train_checkpoint(checkpoint, path, tokenizer, device)
+        if into is None:
+            return model, own_tokenizer
+        _copy_whole_model(into, model, path)
+        return into.to(device), own_tokenizer
     state = released_state(checkpoint)
     if state is None:
         if into is None:
@@ -321,6 +336,17 @@ def _from_train_checkpoint(checkpoint: dict, path, tokenizer, device) -> tuple[M
         raise ValueError(f"{path} is a train.py checkpoint with its own tokenizer, and the tokenizer given "
                          f"({tokenizer}) has another vocabulary; leave the tokenizer (--tokenizer) out")
     return model.to(device).eval(), own
+
+
+def _copy_whole_model(into: MaCo, source: MaCo, path) -> None:
+    """Every tensor of a train.py checkpoint's model into `into`; shapes that differ are an error naming them."""
+    own = into.state_dict()
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in source.state_dict().items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{path}: this train.py checkpoint's model has other shapes than the one being trained "
+                         f"(start with its settings):\n  " + "\n  ".join(mismatched))
+    into.load_state_dict(source.state_dict())
 
 
 def _released_config(state: dict, preset: str | None = None, **settings) -> MaCoConfig:

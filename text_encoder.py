@@ -2,7 +2,7 @@
 
 A post-LayerNorm BERT trained from scratch (384 wide, 6 layers, 6 heads in `base`); the report embedding is a
 pooler tanh(Linear(384 -> 768)) on token 0, the [CLS] position. There is no masked-language-model head: MaCo
-never predicts words. The tokenizer that makes `input_ids` is in util/tokenizer.py.
+never predicts words (tools/warm_start.py's optional warm start of the text side adds one for its own phase). The tokenizer that makes `input_ids` is in util/tokenizer.py.
 """
 
 import torch
@@ -92,7 +92,9 @@ class TextEncoder(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, attention_mask):
+    def hidden_states(self, input_ids, attention_mask):
+        """input_ids, attention_mask (B, T) -> the last layer's token states (B, T, W) (tools/warm_start.py's masked
+        report modelling predicts words from them)."""
         if input_ids.shape[1] > self.embeddings.position_embeddings.num_embeddings:
             raise ValueError(f"text of {input_ids.shape[1]} tokens is longer than the encoder's "
                              f"{self.embeddings.position_embeddings.num_embeddings} positions; tokenize with max_len")
@@ -100,4 +102,8 @@ class TextEncoder(nn.Module):
         x = self.embeddings(input_ids)  # (B, T, W)
         for layer in self.layers:
             x = layer(x, key_padding_mask)
+        return x
+
+    def forward(self, input_ids, attention_mask):
+        x = self.hidden_states(input_ids, attention_mask)  # (B, T, W)
         return torch.tanh(self.pooler(x[:, 0]))  # (B, embed_dim), pooled on [CLS]

@@ -30,11 +30,21 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import Collate, MimicCXR, OpenI, build_cache, cache_is_complete, training_workers
+from data import (
+    CAPTION_SOURCES,
+    Collate,
+    MimicCXR,
+    OpenI,
+    build_cache,
+    cache_is_complete,
+    caption_reports,
+    training_workers,
+)
 from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import append_line, check_writable, read_checkpoint, read_log, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, resolve_precision, setup_distributed
+from util.released import read_weights
 from util.run_guard import OutDirLock, StopSignals, ignore_stop_signals
 from util.tokenizer import load_tokenizer, train_tokenizer
 
@@ -57,14 +67,19 @@ class TrainConfig:
     root: str = option(None, "dataset folder (synthetic: data/synthetic, generated if missing)")
     report_source: str = option("txt", "mimic reports: 'txt' (files/pXX/pXXXXXXXX/sXXXXXXXX.txt under --root) or the "
                                        "path of mimic_cxr_sectioned.csv")
+    captions: str = option("report", "the sentences captions are drawn from: 'report' (findings + impression), "
+                                     "'impression' (that section only) or 'positive' (findings + impression without "
+                                     "the sentences that hold a negation cue; docs/alignment.md)",
+                           choices=CAPTION_SOURCES)
     views_csv: str = option("", "openi: torchxrayvision's nlmcxr_tsne_pa.csv.gz (imageid,tsne-view), to pretrain on PA "
                                 "images only as the paper does ('' = every image, laterals included)")
     cache: str = option("", "image cache folder from `python data.py cache` ('' = <root>/cache-<size> if present)")
     preset: str = option(None, "model preset (recipe: tiny for synthetic, base otherwise)", choices=tuple(PRESETS))
     tokenizer: str = option("", "tokenizers JSON file ('' = train WordPiece on the training reports)")
     init: str = option("", "weights to start from, with a fresh optimizer and schedule: MAE's ImageNet checkpoint "
-                           "(mae_pretrain_vit_base.pth) for the image encoder, or the released MaCo weights (maco.pth, "
-                           "with --tokenizer mimic_wordpiece.json) for the whole model")
+                           "(mae_pretrain_vit_base.pth) for the image encoder, the released MaCo weights (maco.pth, "
+                           "with --tokenizer mimic_wordpiece.json) or a train.py checkpoint (a warm start with its "
+                           "tokenizer, e.g. from tools.warm_start) for the whole model")
     resume: str = option("", "checkpoint to continue from; it keeps its settings except "
                          + ", ".join(SESSION_FIELDS[1:] + OVERRIDABLE_FIELDS) + ". With another --out-dir the run "
                          "continues there as a branch; the source is never written")
@@ -229,10 +244,22 @@ def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     cache = cache if (cfg.cache or cache.exists()) else None
-    common = dict(image_size=size, in_chans=model_cfg.in_chans, augment=True, cache=cache, seed=cfg.seed)
+    sections = ("impression",) if cfg.captions == "impression" else ("findings", "impression")
+    common = dict(image_size=size, in_chans=model_cfg.in_chans, augment=True, cache=cache, seed=cfg.seed,
+                  sections=sections)
     if cfg.data == "openi":
-        return OpenI(root, views_csv=cfg.views_csv or None, **common)
-    return MimicCXR(root, split="train", report_source=cfg.report_source, **common)
+        dataset = OpenI(root, views_csv=cfg.views_csv or None, **common)
+    else:
+        dataset = MimicCXR(root, split="train", report_source=cfg.report_source, **common)
+    dataset.reports = caption_reports(dataset.reports, cfg.captions)
+    return dataset
+
+
+def init_tokenizer(path: str) -> Tokenizer | None:
+    """The tokenizer of a train.py checkpoint given as --init (the model's word ids are its), else None: MAE's and
+    the released weights carry none."""
+    weights = read_weights(path, "--init")
+    return Tokenizer.from_str(weights["tokenizer"]) if "model_config" in weights else None
 
 
 def setup(cfg: TrainConfig, given: set[str]) -> Run:
@@ -260,6 +287,8 @@ def setup(cfg: TrainConfig, given: set[str]) -> Run:
         tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
     elif cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
+    elif cfg.init and (carried := init_tokenizer(cfg.init)):
+        tokenizer = carried  # a warm start from a train.py checkpoint keeps its word ids
     else:
         tokenizer = train_tokenizer(dataset.report_texts(), vocab_size=model_cfg.vocab_size)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.get_vocab_size())

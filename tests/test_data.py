@@ -172,6 +172,22 @@ def test_report_without_valid_sentence_gives_empty_caption():
     assert data.report_to_caption(" None. . ", torch.Generator().manual_seed(1)) == ""
 
 
+def test_positive_report_keeps_the_sentences_without_a_negation_cue():
+    report = ("Small left pleural effusion. No pneumothorax. Heart size is normal. The lungs are clear. "
+              "Endotracheal tube in standard position. There is no focal consolidation.")
+    assert data.positive_report(report) == "Small left pleural effusion. Endotracheal tube in standard position."
+    assert data.positive_report("No acute process. Lungs are clear.") == data.NO_FINDING_CAPTION
+    assert data.positive_report("Nothing new. Clearly enlarged heart.") == "Nothing new. Clearly enlarged heart."
+
+
+def test_caption_sources_change_only_the_positive_reports_and_reject_unknown_names():
+    reports = {"1": "Mild edema. No effusion.", "2": "No acute process."}
+    assert data.caption_reports(reports, "report") is reports and data.caption_reports(reports, "impression") is reports
+    assert data.caption_reports(reports, "positive") == {"1": "Mild edema.", "2": data.NO_FINDING_CAPTION}
+    with pytest.raises(ValueError, match="choose one of report, impression, positive"):
+        data.caption_reports(reports, "findings")
+
+
 def test_seeded_generator_pins_the_caption():
     report = "One. Two. Three. Four. Five."
     first = [data.report_to_caption(report, torch.Generator().manual_seed(seed)) for seed in range(20)]

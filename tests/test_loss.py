@@ -163,3 +163,67 @@ def test_gradcheck_of_both_contrastive_losses_in_float64():
         return correlation_weighted_contrastive_loss(img.detach(), txt.detach(), c, scale.detach()) - detached_terms
 
     assert check(scaled_terms_gradient_only, (weights.clone().requires_grad_(True),))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# An option: pairs with identical captions are not negatives (MaCoConfig.mask_identical_captions)
+
+def _identical_caption_pairs():
+    excluded = torch.zeros(4, 4, dtype=torch.bool)
+    excluded[0, 2] = excluded[2, 0] = True  # pairs 0 and 2 have the same caption
+    return excluded
+
+
+def test_excluded_pairs_leave_the_rows_as_if_those_columns_were_removed():
+    torch.manual_seed(0)
+    img, txt = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    scale = torch.tensor(7.0, dtype=torch.float64)
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    by_hand = 0.0
+    for matrix in (logits, logits.T):  # each row's softmax over its own column and the columns not excluded
+        for i in range(4):
+            kept = [j for j in range(4) if j == i or not _identical_caption_pairs()[i, j]]
+            by_hand += -(matrix[i, i] - torch.logsumexp(matrix[i, kept], 0)) / 8
+    assert torch.allclose(clip_loss(img, txt, scale, _identical_caption_pairs()), by_hand, atol=1e-12)
+    assert not torch.allclose(clip_loss(img, txt, scale), by_hand, atol=1e-6)  # the option changes the loss
+
+
+def test_no_excluded_pair_is_the_loss_without_the_option():
+    torch.manual_seed(1)
+    img, txt, c = torch.randn(4, 6), torch.randn(4, 6), torch.rand(4) + 0.5
+    nothing = torch.zeros(4, 4, dtype=torch.bool)
+    assert torch.equal(clip_loss(img, txt, torch.tensor(5.0), nothing), clip_loss(img, txt, torch.tensor(5.0)))
+    assert torch.equal(correlation_weighted_contrastive_loss(img, txt, c, torch.tensor(5.0), nothing),
+                       correlation_weighted_contrastive_loss(img, txt, c, torch.tensor(5.0)))
+
+
+def test_weighted_loss_with_excluded_pairs_matches_its_four_terms_by_hand():
+    torch.manual_seed(2)
+    img, txt = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    c, scale, excluded = torch.rand(4, dtype=torch.float64) + 0.5, torch.tensor(6.0, dtype=torch.float64), \
+        _identical_caption_pairs()
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+
+    def row_ce(matrix, i):
+        kept = [j for j in range(4) if j == i or not excluded[i, j]]
+        return -(matrix[i, i] - torch.logsumexp(matrix[i, kept], 0))
+
+    scaled = [sum(row_ce(c[:, None] * m, i) for i in range(4)) / 4 for m in (logits, logits.T)]
+    weighted = [sum(c[i] * row_ce(m, i) for i in range(4)) / c.sum() for m in (logits, logits.T)]
+    by_hand = (sum(scaled) + sum(weighted)) / 4
+    assert torch.allclose(correlation_weighted_contrastive_loss(img, txt, c, scale, excluded), by_hand, atol=1e-12)
+
+
+def test_gradcheck_with_excluded_pairs_and_no_gradient_through_them():
+    torch.manual_seed(3)
+    img = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    txt = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(4, dtype=torch.float64) + 0.5  # fixed: its weight in WCE is detached, which gradcheck cannot see
+    scale = torch.tensor(4.0, dtype=torch.float64)
+    excluded = _identical_caption_pairs()
+    assert torch.autograd.gradcheck(lambda a, b: correlation_weighted_contrastive_loss(a, b, c, scale, excluded),
+                                    (img, txt))
+    assert torch.autograd.gradcheck(lambda a, b: clip_loss(a, b, scale, excluded), (img, txt))
+    c.requires_grad_()
+    loss = correlation_weighted_contrastive_loss(img, txt, c, scale, excluded)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, (img, txt, c)))  # no 0 * inf

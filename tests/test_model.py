@@ -10,7 +10,7 @@ import torch.nn as nn
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from loss import clip_loss
-from maco import MaCo, MaCoConfig
+from maco import MaCo, MaCoConfig, caption_keys
 from text_encoder import TextEncoder
 from util.tokenizer import encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from vit import VisionTransformer, drop_path, patchify, random_masking, sincos_2d_pos_embed, unpatchify
@@ -268,6 +268,30 @@ def test_weighting_off_gives_plain_clip_loss_on_the_same_embeddings():
     image_emb = model.image_proj(h[:, 1:]).mean(dim=1)
     expected = clip_loss(image_emb, model.encode_text(input_ids, attention_mask), model.logit_scale)
     assert out["loss_con"].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_caption_keys_are_equal_exactly_for_equal_token_sequences_whatever_the_padding():
+    ids = torch.tensor([[2, 7, 9, 0, 0], [2, 7, 9, 0, 0], [2, 9, 7, 0, 0], [2, 7, 9, 11, 0]])
+    keys = caption_keys(ids)
+    assert keys[0] == keys[1] and len(set(keys[1:].tolist())) == 3
+    assert torch.equal(caption_keys(ids[:, :4])[:3], keys[:3])  # padded to another length: the same key
+
+
+def test_identical_captions_are_not_negatives_with_the_option_and_are_without_it():
+    torch.manual_seed(0)
+    cfg = MaCoConfig.preset("tiny", correlation_weighting=False, text_dropout=0.0, mask_identical_captions=True)
+    model = MaCo(cfg)
+    images, input_ids, attention_mask = tiny_batch(cfg)
+    input_ids[2] = input_ids[0]  # pairs 0 and 2 share their caption
+    out = model(images, input_ids, attention_mask, generator=torch.Generator().manual_seed(5))
+    h, _, _ = model.image_encoder(torch.nn.functional.interpolate(images, size=cfg.img_size, mode="bicubic"),
+                                  cfg.mask_ratio, torch.Generator().manual_seed(5))
+    image_emb, text_emb = model.image_proj(h[:, 1:]).mean(dim=1), model.encode_text(input_ids, attention_mask)
+    excluded = torch.zeros(4, 4, dtype=torch.bool)
+    excluded[0, 2] = excluded[2, 0] = True
+    assert out["loss_con"].item() == pytest.approx(clip_loss(image_emb, text_emb, model.logit_scale, excluded).item(),
+                                                   abs=1e-5)
+    assert out["loss_con"].item() != pytest.approx(clip_loss(image_emb, text_emb, model.logit_scale).item(), abs=1e-4)
 
 
 def test_encode_image_returns_patch_embeddings_and_their_mean():

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import train
 from maco import MaCo, MaCoConfig, load
 from util.cli import parse_config
@@ -48,6 +49,36 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(synthetic_root, tmp_pat
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     for a, b in zip(straight, resumed):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+
+
+def test_caption_sources_give_the_training_set_its_reports(synthetic_root, tmp_path):
+    cfg = train.resolve(train.TrainConfig(root=str(synthetic_root), captions="impression"))
+    model_cfg = MaCoConfig.preset("tiny")
+    impression = train.build_dataset(cfg, model_cfg, is_main=True)
+    full = train.build_dataset(train.resolve(train.TrainConfig(root=str(synthetic_root))), model_cfg, is_main=True)
+    positive = train.build_dataset(train.resolve(train.TrainConfig(root=str(synthetic_root), captions="positive")),
+                                   model_cfg, is_main=True)
+    assert len(impression) == len(full) == len(positive)
+    for key in full.reports:  # the impression is part of the full report; the positive report holds no negation
+        impression_sentences = data.report_sentences(impression.reports[key])
+        assert set(impression_sentences) < set(data.report_sentences(full.reports[key]))
+        assert positive.reports[key] == data.positive_report(full.reports[key])
+
+
+def test_init_from_a_train_checkpoint_copies_the_whole_model_and_keeps_its_tokenizer(synthetic_root, tmp_path):
+    run(small_run_args(synthetic_root, tmp_path / "first", "--epochs", "1", "--stop-after-steps", "2"))
+    first = tmp_path / "first" / "checkpoint.pt"
+    source, tokenizer = load(first)
+    assert train.init_tokenizer(str(first)).get_vocab() == tokenizer.get_vocab()
+    fresh = MaCo(source.cfg)
+    load(first, into=fresh)
+    for (name, a), b in zip(source.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="other shapes than the one being trained"):
+        load(first, into=MaCo(MaCoConfig.preset("tiny", img_size=32, vocab_size=source.cfg.vocab_size)))
+    result = run(small_run_args(synthetic_root, tmp_path / "second", "--epochs", "1", "--stop-after-steps", "1",
+                                "--init", str(first), "--seed", "3"))
+    assert torch.load(result["checkpoint"], weights_only=True)["tokenizer"] == tokenizer.to_str()
 
 
 def test_mae_init_reports_loaded_and_missing_keys_and_rejects_shape_mismatches(tmp_path, capsys):

@@ -165,12 +165,14 @@ def image_metrics(runs: list[dict], image_index: np.ndarray) -> dict:
     values = {}
     for seed_scores in runs:
         labels = np.asarray(seed_scores["labels"])[image_index]
-        row = {"probe_auc": macro_auc(labels, np.asarray(seed_scores["probe"])[image_index])}
+        row = {}
+        if "probe" in seed_scores:
+            row["probe_auc"] = macro_auc(labels, np.asarray(seed_scores["probe"])[image_index])
         if "zero_shot" in seed_scores:
             row["zero_shot_auc"] = macro_auc(labels, np.asarray(seed_scores["zero_shot"])[image_index])
             position = {path: i for i, path in enumerate(seed_scores["test_paths"])}
             weight = np.bincount(image_index, minlength=len(position))  # how often each image was drawn
-            for name in GROUNDING_ROWS:
+            for name in seed_scores["grounding"]:  # the rows scored: GROUNDING_ROWS, possibly per readout
                 pairs = seed_scores["grounding"][name]
                 counts = np.array([weight[position[p["path"]]] for p in pairs], np.float64)
                 for metric in GROUNDING_METRICS:
@@ -178,13 +180,18 @@ def image_metrics(runs: list[dict], image_index: np.ndarray) -> dict:
                     keep = ~np.isnan(vals) & (counts > 0)
                     row[f"{name}_{metric}"] = float(np.average(vals[keep], weights=counts[keep])) if keep.any() \
                         else float("nan")
+            for name in seed_scores["grounding"]:  # phrase specificity: own phrase minus another finding's
+                if name.endswith("true") and name[:-4] + "swapped" in seed_scores["grounding"]:
+                    row[f"{name}_minus_swapped_pointing_game"] = (row[f"{name}_pointing_game"]
+                                                                  - row[f"{name[:-4]}swapped_pointing_game"])
         for key, value in row.items():
             values.setdefault(key, []).append(value)
     return {key: float(np.mean(v)) for key, v in values.items()}
 
 
-def summarise(scores: dict[str, list[dict]], n_boot: int, seed: int = 0) -> dict:
-    """Point estimates, 95% bootstrap intervals per variant, and paired differences with their intervals."""
+def summarise(scores: dict[str, list[dict]], n_boot: int, seed: int = 0, comparisons=COMPARISONS) -> dict:
+    """Point estimates, 95% bootstrap intervals per variant, and paired differences (`comparisons`: (a, b) pairs,
+    a - b) with their intervals."""
     n_images = len(next(iter(scores.values()))[0]["labels"])
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, n_images, n_images) for _ in range(n_boot)]
@@ -200,7 +207,7 @@ def summarise(scores: dict[str, list[dict]], n_boot: int, seed: int = 0) -> dict
     variants = {v: {k: {"value": point[v][k], "ci95": interval([b[k] for b in boot[v]])} for k in point[v]}
                 for v in scores}
     differences = {}
-    for a, b in COMPARISONS:
+    for a, b in comparisons:
         if a in scores and b in scores:
             shared = sorted(set(point[a]) & set(point[b]))
             differences[f"{a} - {b}"] = {k: {"value": point[a][k] - point[b][k],
