@@ -1,8 +1,10 @@
-"""D11: with two processes (gloo, CPU) the loss and the gradients equal one process on the concatenated batch."""
+"""D11: with two processes (gloo, CPU) the loss and the gradients equal one process on the concatenated batch, also
+with the option that identical captions are not negatives (a caption shared across the two processes)."""
 
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,11 +20,12 @@ def make_batch(cfg):
     input_ids = torch.randint(4, 100, (2 * B, 10), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 6:] = 0  # one padded report
+    input_ids[B + 1] = input_ids[0]  # rank 1's second pair has rank 0's first caption
     return images, input_ids, attention_mask
 
 
-def make_model():
-    cfg = MaCoConfig.preset("tiny", text_dropout=0.0, vocab_size=100)
+def make_model(mask_identical_captions=False):
+    cfg = MaCoConfig.preset("tiny", text_dropout=0.0, vocab_size=100, mask_identical_captions=mask_identical_captions)
     torch.manual_seed(0)
     return cfg, MaCo(cfg)
 
@@ -35,11 +38,11 @@ def mask_generator(rank):
     return generator
 
 
-def worker(rank, port, out_path):
+def worker(rank, port, out_path, mask_identical_captions):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    cfg, model = make_model()
+    cfg, model = make_model(mask_identical_captions)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     images, input_ids, attention_mask = (t[rank * B:(rank + 1) * B] for t in make_batch(cfg))
     out = ddp(images, input_ids, attention_mask, generator=mask_generator(rank))
@@ -57,12 +60,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_loss_and_gradients_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("mask_identical_captions", [False, True])
+def test_two_process_loss_and_gradients_equal_one_process_on_the_concatenated_batch(tmp_path, mask_identical_captions):
     out_path = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(free_port(), str(out_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), str(out_path), mask_identical_captions), nprocs=2, join=True)
     distributed = torch.load(out_path)
 
-    cfg, model = make_model()
+    cfg, model = make_model(mask_identical_captions)
     out = model(*make_batch(cfg), generator=mask_generator(0))
     out["loss"].backward()
 
