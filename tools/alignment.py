@@ -73,6 +73,9 @@ class AlignmentConfig:
     redraw: bool = option(False, "only summarise the finished (factor, seed) scores; train nothing")
     quick: bool = option(False, "a wiring check for CI: 400-study worlds, 30 steps, one seed, two factors")
     n_boot: int = option(1000, "bootstrap resamples of the 95% intervals", minimum=10)
+    num_workers: int = option(None, "DataLoader workers of training (default: train.py's, 0 when every image is "
+                                    "cached; on a GPU give 8 or more: the loader, not the tiny model, is the limit)",
+                              minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
@@ -109,7 +112,7 @@ def train_factor(cfg: AlignmentConfig, factor: str, seed: int, run_dir: Path) ->
     """Warm start (if the factor has one) and train one (factor, seed); returns the checkpoint."""
     settings = dict(FACTORS[factor])
     warm = settings.pop("warm", None)
-    common = dict(device=cfg.device, eval=False, stop_after_steps=30 if cfg.quick else 0)
+    common = dict(device=cfg.device, num_workers=cfg.num_workers, eval=False, stop_after_steps=30 if cfg.quick else 0)
     quick = dict(epochs=1, batch_size=16) if cfg.quick else {}
     init = ""
     if warm == "image":
