@@ -53,6 +53,8 @@ FACTORS = {
     "3x": dict(epochs=24),  # (d) three times the steps
     "128px": dict(model=dict(img_size=128)),  # (e) 128-px input on the same 8-px patches (256 tokens)
     "128px+warm-text": dict(model=dict(img_size=128), warm="text"),  # the two that moved the cosine maps, together
+    "positive+no-false-negatives+warm-text": dict(captions="positive", model=dict(mask_identical_captions=True),
+                                                  warm="text"),  # what helped zero-shot, with what moved the maps
     "10x": dict(epochs=80),  # (d) ten times the steps: about an hour a seed on 2 CPU cores (run on a GPU)
 }
 CPU_FACTORS = [name for name in FACTORS if name != "10x"]

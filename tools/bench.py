@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from maco import PRESETS, MaCo, MaCoConfig
-from util.cli import check_options, option, run_script
+from util.cli import check_options, option, overrides, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, resolve_precision, setup_distributed
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
@@ -59,9 +59,11 @@ class BenchConfig:
                                          "synthetic world)")
     cache: str = option("", "--loader: image cache folder ('' = <root>/cache-<size> if present, as train.py)")
     num_workers: int = option(None, "--loader, --loop: DataLoader workers (default: train.py's choice)", minimum=0)
+    model: dict = overrides(MaCoConfig, PRESETS, "model settings on the preset (e.g. --img-size 128)")
 
     def __post_init__(self):
         check_options(self)
+        MaCoConfig.preset(self.preset, **self.model)  # a bad setting fails here, naming it
 
 
 def machine_lines(device: torch.device) -> list[str]:
@@ -97,7 +99,7 @@ def attention_kernels(model_cfg: MaCoConfig, batch: int, text_len: int, device: 
 
 
 def bench_step(cfg: BenchConfig, device: torch.device) -> None:
-    model_cfg = MaCoConfig.preset(cfg.preset)
+    model_cfg = MaCoConfig.preset(cfg.preset, **cfg.model)
     precisions = list(dict.fromkeys(["fp32", resolve_precision(cfg.precision, device)]))
     print(describe_precision(cfg.precision, device))
     for precision in precisions:
@@ -144,7 +146,7 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> None:
     for _ in range(cfg.steps):  # interleaved: fp32, bf16, (compiled fp32, compiled bf16), fp32, ...
         for key, step_model in variants.items():
             seconds[key].append(timed(step_model, key[0]))
-    print(f"training step: preset {cfg.preset}, batch {B}, text {cfg.text_len} tokens, device {device}, "
+    print(f"training step: preset {cfg.preset}{''.join(f', {k} {v}' for k, v in cfg.model.items())}, batch {B}, text {cfg.text_len} tokens, device {device}, "
           f"{cfg.steps} interleaved steps per variant after {cfg.warmup} warm-up; {flops / 1e9:.1f} GFLOP per step")
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == "cuda" else None
@@ -171,7 +173,7 @@ def bench_loader(cfg: BenchConfig) -> None:
 
     from data import Collate, MimicCXR, augment_image, report_to_caption, to_model_input, training_workers
     from util.tokenizer import train_tokenizer
-    model_cfg = MaCoConfig.preset(cfg.preset)
+    model_cfg = MaCoConfig.preset(cfg.preset, **cfg.model)
     cache = Path(cfg.cache) if cfg.cache else Path(cfg.root) / f"cache-{model_cfg.input_size}"
     cache = cache if cfg.cache or cache.exists() else None
     dataset = MimicCXR(cfg.root, split="train", image_size=model_cfg.input_size, in_chans=model_cfg.in_chans,
@@ -225,7 +227,8 @@ def bench_loop(cfg: BenchConfig) -> None:
 
     import train
     with tempfile.TemporaryDirectory() as out_dir:
-        train_cfg = train.TrainConfig(root=cfg.root, preset=cfg.preset, batch_size=cfg.batch_size, device=cfg.device,
+        train_cfg = train.TrainConfig(root=cfg.root, preset=cfg.preset, model=cfg.model, batch_size=cfg.batch_size,
+                                      device=cfg.device,
                                       precision=cfg.precision, num_workers=cfg.num_workers, out_dir=out_dir,
                                       stop_after_steps=cfg.warmup + cfg.steps, eval=False)
         run = train.setup(train_cfg, set())
