@@ -225,7 +225,8 @@ METRIC_LABELS = {"zero_shot_auc": "zero-shot macro AUC", "probe_auc": "logistic-
                  "swapped_miou": "mIoU (swapped)", "true_cnr": "CNR (true)", "swapped_cnr": "CNR (swapped)"}
 
 
-def _cell(entry) -> str:
+def interval_cell(entry) -> str:
+    """A table cell: `value [low, high]`, or "-" for a metric not measured."""
     if entry is None or entry["value"] is None or np.isnan(entry["value"]):
         return "-"
     low, high = entry["ci95"]
@@ -236,14 +237,15 @@ def markdown_table(summary: dict, header: str) -> str:
     variants = list(summary["variants"])
     lines = [header, "", "| metric | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     for key, label in METRIC_LABELS.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(summary["variants"][v].get(key)) for v in variants) + " |")
+        cells = (interval_cell(summary["variants"][v].get(key)) for v in variants)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     comparisons = list(summary["differences"])
     if comparisons:
         lines += ["", "Paired differences (same test images, same seeds; 95% bootstrap interval over test images):",
                   "", "| metric | " + " | ".join(comparisons) + " |", "|---" * (len(comparisons) + 1) + "|"]
         for key, label in METRIC_LABELS.items():
-            lines.append(f"| {label} | " + " | ".join(_cell(summary["differences"][c].get(key)) for c in comparisons)
-                         + " |")
+            cells = (interval_cell(summary["differences"][c].get(key)) for c in comparisons)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from eval_zeroshot import evaluate_grounding, grounding_caption, zero_shot_predictions
 from maco import load
-from tools.ablate import GROUNDING_METRICS, _cell, summarise
+from tools.ablate import GROUNDING_METRICS, interval_cell, summarise
 from tools.diagnostics import embedding_geometry, finding_sentences, text_similarity
 from tools.warm_start import WarmStartConfig, warm_start
 from train import TrainConfig, train
@@ -177,7 +177,8 @@ def score_checkpoint(checkpoint: Path, worlds: list[Path]) -> dict:
     sentences = finding_sentences(eval_datasets.load_ms_cxr(worlds[0] / eval_datasets.MS_CXR_CSV, worlds[0]))
     scores["text_names"] = list(sentences)
     scores["text_sentences"] = list(sentences.values())
-    scores["text_cosine"] = text_similarity(model, tokenizer, [grounding_caption(s) for s in sentences.values()]).tolist()
+    captions = [grounding_caption(sentence) for sentence in sentences.values()]
+    scores["text_cosine"] = text_similarity(model, tokenizer, captions).tolist()
     scores["effective_rank"] = float(np.mean(scores["effective_rank"]))
     return scores
 
@@ -210,7 +211,8 @@ def factor_details(runs: list[dict]) -> dict:
     per_class = {name: float(np.nanmean([roc_auc(np.asarray(run["labels"])[:, c], np.asarray(run["zero_shot"])[:, c])
                                          for run in runs])) for c, name in enumerate(class_names)}
     return dict(text_names=names, text_cosine=cosine.tolist(), text_mean_cosine=float(off_diagonal.mean()),
-                text_groups=text_groups(cosine, names), effective_rank=float(np.mean([r["effective_rank"] for r in runs])),
+                text_groups=text_groups(cosine, names),
+                effective_rank=float(np.mean([run["effective_rank"] for run in runs])),
                 per_class_auc=per_class, seeds=len(runs))
 
 
@@ -234,18 +236,20 @@ def markdown_tables(summary: dict) -> str:
              "| factor | seeds | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|---" * (len(TABLE_COLUMNS) + 2) + "|"]
     for factor in factors:
         lines.append(f"| {factor} | {details[factor]['seeds']} | "
-                     + " | ".join(_cell(summary["variants"][factor].get(key)) for key in TABLE_COLUMNS) + " |")
+                     + " | ".join(interval_cell(summary["variants"][factor].get(key)) for key in TABLE_COLUMNS) + " |")
     differences = summary["differences"]
     if differences:
         keys = ["zero_shot_auc", "true_minus_swapped_pointing_game", "cosine_true_minus_swapped_pointing_game",
                 "true_pointing_game", "cosine_true_pointing_game"]
         lines += ["", "Paired differences against `default` (same test images, same seeds):", "",
-                  "| factor - default | " + " | ".join(TABLE_COLUMNS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+                  "| factor - default | " + " | ".join(TABLE_COLUMNS[k] for k in keys) + " |",
+                  "|---" * (len(keys) + 1) + "|"]
         for name, entry in differences.items():
-            lines.append(f"| {name} | " + " | ".join(_cell(entry.get(k)) for k in keys) + " |")
+            lines.append(f"| {name} | " + " | ".join(interval_cell(entry.get(k)) for k in keys) + " |")
     class_names = list(next(iter(details.values()))["per_class_auc"])
     lines += ["", "Text separation (mean off-diagonal cosine of one report sentence per finding; groups at cosine >= "
-              f"{CLASS_SEPARATION}), effective rank of the image embeddings, zero-shot AUC per class (means over seeds):",
+              f"{CLASS_SEPARATION}), effective rank of the image embeddings, zero-shot AUC per class (means over "
+              "seeds):",
               "", "| factor | text cosine | groups | eff. rank | " + " | ".join(class_names) + " |",
               "|---" * (len(class_names) + 4) + "|"]
     for factor in factors:
@@ -271,15 +275,15 @@ def plot_alignment(summary: dict, path: Path) -> None:
     top.colorbar(image, ax=axes, shrink=0.7, label="text cosine")
     for axis, readout in zip(bottom.subplots(1, 2), READOUT_ROWS):
         prefix = READOUT_ROWS[readout]
-        for offset, (phrase, colour) in enumerate((("true", "tab:green"), ("swapped", "tab:red"),
-                                                   ("prior_only", "tab:grey"))):
+        for offset, (phrase, colour, label) in enumerate((("true", "tab:green", "own phrase"),
+                                                          ("swapped", "tab:red", "another finding's"),
+                                                          ("prior_only", "tab:grey", "empty"))):
             for x, factor in enumerate(factors):
                 entry = summary["variants"][factor][f"{prefix}{phrase}_pointing_game"]
                 low, high = entry["ci95"]
                 axis.errorbar([x + 0.2 * (offset - 1)], [entry["value"]], capsize=2, fmt="o", color=colour,
                               yerr=[[entry["value"] - low], [high - entry["value"]]],
-                              label={"true": "own phrase", "swapped": "another finding's", "prior_only": "empty"}[phrase]
-                              if x == 0 else None)
+                              label=label if x == 0 else None)
         axis.set_xticks(range(len(factors)), factors, rotation=30, fontsize=7, ha="right")
         axis.set_title(f"pointing game, {readout} readout", fontsize=8)
         axis.legend(fontsize=6)

@@ -146,7 +146,8 @@ def bench_step(cfg: BenchConfig, device: torch.device) -> None:
     for _ in range(cfg.steps):  # interleaved: fp32, bf16, (compiled fp32, compiled bf16), fp32, ...
         for key, step_model in variants.items():
             seconds[key].append(timed(step_model, key[0]))
-    print(f"training step: preset {cfg.preset}{''.join(f', {k} {v}' for k, v in cfg.model.items())}, batch {B}, text {cfg.text_len} tokens, device {device}, "
+    settings = "".join(f", {k} {v}" for k, v in cfg.model.items())
+    print(f"training step: preset {cfg.preset}{settings}, batch {B}, text {cfg.text_len} tokens, device {device}, "
           f"{cfg.steps} interleaved steps per variant after {cfg.warmup} warm-up; {flops / 1e9:.1f} GFLOP per step")
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device.type == "cuda" else None

@@ -13,7 +13,8 @@ the image side keeps the initialisation train.py would give it with the same see
 checkpoint (model, model_config, tokenizer), which `train.py --init` loads whole, its tokenizer included.
 
 The image side's warm start needs no code of its own: a first phase of masked-image modelling alone is
-`python train.py --lam 1 --epochs 4 --out-dir runs/warm-image`, then `python train.py --init runs/warm-image/checkpoint.pt`.
+`python train.py --lam 1 --epochs 4 --out-dir runs/warm-image`, then
+`python train.py --init runs/warm-image/checkpoint.pt`.
 """
 
 import dataclasses
@@ -129,7 +130,8 @@ def warm_start(cfg: WarmStartConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    return run_script(WarmStartConfig, lambda cfg: warm_start(cfg) and None, argv, __doc__, errors=(FileNotFoundError, ValueError))
+    return run_script(WarmStartConfig, lambda cfg: warm_start(cfg) and None, argv, __doc__,
+                      errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
