@@ -263,12 +263,16 @@ def markdown_tables(summary: dict) -> str:
 def plot_alignment(summary: dict, path: Path) -> None:
     """Top: the text cosine matrix of each factor. Bottom: own vs swapped phrase pointing per factor, both readouts."""
     factors = list(summary["variants"])
-    figure = Figure(figsize=(2.2 * max(len(factors), 4), 6.6), layout="constrained")
-    top, bottom = figure.subfigures(2, 1, height_ratios=[1, 1.1])
-    axes = top.subplots(1, len(factors), squeeze=False)[0]
+    columns = min(len(factors), 6)
+    rows = -(-len(factors) // columns)  # a row of text matrices per 6 factors
+    figure = Figure(figsize=(2.3 * max(columns, 4), 2.4 * rows + 3.4), layout="constrained")
+    top, bottom = figure.subfigures(2, 1, height_ratios=[2.4 * rows, 3.4])
+    axes = top.subplots(rows, columns, squeeze=False).ravel()
+    for axis in axes[len(factors):]:
+        axis.axis("off")
     for axis, factor in zip(axes, factors):
         d = summary["details"][factor]
-        image = axis.imshow(np.asarray(d["text_cosine"]), vmin=0, vmax=1, cmap="viridis")
+        image = axis.imshow(np.asarray(d["text_cosine"]), vmin=0.5, vmax=1, cmap="viridis")
         axis.set_title(f"{factor}\nmean {d['text_mean_cosine']:.2f}", fontsize=7)
         axis.set_xticks(range(len(d["text_names"])), [n[:5] for n in d["text_names"]], rotation=90, fontsize=5)
         axis.set_yticks(range(len(d["text_names"])), [n[:5] for n in d["text_names"]], fontsize=5)
