@@ -39,4 +39,6 @@ def test_a_short_warm_start_learns_words_and_writes_a_checkpoint_train_can_start
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert warm_start.main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "w.pt")]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert "--root" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()  # nothing generated
+    assert warm_start.main(["--mask-prob", "1.5"]) == 2
+    assert "--mask-prob" in capsys.readouterr().err

@@ -303,8 +303,8 @@ def run_study(cfg: AlignmentConfig) -> dict:
     if cfg.quick:
         cfg = dataclasses.replace(cfg, root=str(out_dir / "world"), seeds=1, eval_studies=min(cfg.eval_studies, 400),
                                   factors=cfg.factors if cfg.factors != AlignmentConfig.factors else "default,positive")
-        if not (Path(cfg.root) / eval_datasets.MS_CXR_CSV).exists():
-            generate(cfg.root, 400, 0, overwrite=True)
+    if not cfg.redraw and not (Path(cfg.root) / eval_datasets.MS_CXR_CSV).exists():  # the training world, seed 0
+        generate(cfg.root, 400 if cfg.quick else TrainConfig.synthetic_studies, 0, overwrite=True)
     jobs = [(factor, seed) for seed in range(cfg.seeds) for factor in cfg.factor_list]  # every factor once first
     worlds = [] if cfg.redraw else held_out_worlds(cfg, out_dir)
     scores, start = {}, time.time()

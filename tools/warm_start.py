@@ -86,6 +86,9 @@ def mask_words(input_ids, attention_mask, vocab_size: int, mask_prob: float, gen
 def warm_start(cfg: WarmStartConfig) -> dict:
     """Train the text encoder by masked report modelling; write a train.py checkpoint; return its summary."""
     out = Path(cfg.out)
+    if not Path(cfg.root).is_dir():
+        raise FileNotFoundError(f"--root {cfg.root}: no such folder; the synthetic world is made by "
+                                f"`python -m world.synthetic --out {cfg.root}` (or by the first `python train.py`)")
     check_writable(out.parent, "--out")
     train_cfg = resolve(TrainConfig(data=cfg.data, root=cfg.root, captions=cfg.captions, seed=cfg.seed,
                                     model=cfg.model))
