@@ -32,9 +32,9 @@ from maco import PRESETS, MaCo, MaCoConfig
 from train import RECIPES, TrainConfig, build_dataset, resolve
 from util.checkpoint import check_writable, save_checkpoint
 from util.cli import check_options, option, overrides, run_script
-from util.tokenizer import encode_texts, train_tokenizer
+from util.tokenizer import SPECIAL_TOKENS, encode_texts, train_tokenizer
 
-MASK_ID, UNK_ID = 3, 1  # util/tokenizer.py's special ids: [PAD]=0 [UNK]=1 [CLS]=2 [MASK]=3
+MASK_ID = SPECIAL_TOKENS.index("[MASK]")  # 3: the special tokens are ids 0-3, [PAD] [UNK] [CLS] [MASK]
 
 
 @dataclass
