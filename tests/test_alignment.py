@@ -41,6 +41,8 @@ def test_quick_study_scores_both_readouts_on_held_out_worlds_and_a_redraw_trains
     assert "positive+no-false-negatives - default" in results["differences"]
     details = results["details"]["default"]
     assert len(details["text_cosine"]) == len(details["text_names"]) == 8 and details["effective_rank"] >= 1
+    (seed0,) = details["per_seed"]  # one seed: its own values are the factor's
+    assert all(seed0[key] == pytest.approx(metrics[key]["value"]) for key in alignment.PER_SEED_COLUMNS)
     assert (out / "alignment.png").stat().st_size > 0 and "| default | 1 |" in (out / "alignment_table.md").read_text()
 
     def no_training(*args, **kwargs):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from eval_zeroshot import evaluate_grounding, grounding_caption, zero_shot_predictions
 from maco import load
-from tools.ablate import GROUNDING_METRICS, interval_cell, summarise
+from tools.ablate import GROUNDING_METRICS, image_metrics, interval_cell, summarise
 from tools.diagnostics import embedding_geometry, finding_sentences, text_similarity
 from tools.warm_start import WarmStartConfig, warm_start
 from train import TrainConfig, train
@@ -62,6 +62,11 @@ CPU_FACTORS = [name for name in FACTORS if not name.endswith("10x")]
 WARM_IMAGE_EPOCHS = 4
 READOUT_ROWS = {"prior": "", "cosine": "cosine_"}  # readout -> prefix of its grounding rows in the scores
 CLASS_SEPARATION = 0.98  # text embeddings at or above this cosine are counted as one group
+PER_SEED_COLUMNS = {  # metric key -> column heading of the per-seed table
+    "zero_shot_auc": "zero-shot AUC", "true_pointing_game": "pointing own (prior)",
+    "true_minus_swapped_pointing_game": "own - swapped (prior)",
+    "cosine_true_minus_swapped_pointing_game": "own - swapped (cosine)",
+}
 
 
 @dataclass
@@ -204,7 +209,7 @@ def text_groups(cosine: np.ndarray, names: list[str], threshold: float = CLASS_S
 
 def factor_details(runs: list[dict]) -> dict:
     """Per factor, means over its seeds: the text cosine matrix, its off-diagonal mean and groups, the effective
-    rank, and the per-class zero-shot AUC on the pooled held-out test images."""
+    rank, and the per-class zero-shot AUC on the pooled held-out test images; and each seed's PER_SEED_COLUMNS."""
     names = runs[0]["text_names"]
     cosine = np.mean([np.asarray(run["text_cosine"]) for run in runs], 0)
     off_diagonal = cosine[~np.eye(len(names), dtype=bool)]
@@ -214,7 +219,9 @@ def factor_details(runs: list[dict]) -> dict:
     return dict(text_names=names, text_cosine=cosine.tolist(), text_mean_cosine=float(off_diagonal.mean()),
                 text_groups=text_groups(cosine, names),
                 effective_rank=float(np.mean([run["effective_rank"] for run in runs])),
-                per_class_auc=per_class, seeds=len(runs))
+                per_class_auc=per_class, seeds=len(runs),
+                per_seed=[{key: image_metrics([run], np.arange(len(run["labels"])))[key] for key in PER_SEED_COLUMNS}
+                          for run in runs])
 
 
 TABLE_COLUMNS = {  # metric key -> column heading
@@ -247,6 +254,13 @@ def markdown_tables(summary: dict) -> str:
                   "|---" * (len(keys) + 1) + "|"]
         for name, entry in differences.items():
             lines.append(f"| {name} | " + " | ".join(interval_cell(entry.get(k)) for k in keys) + " |")
+    lines += ["", "Each training seed alone (seed 0 / seed 1 / ...): the intervals above are over test images only; the "
+              "spread between seeds is the other half of the uncertainty:", "",
+              "| factor | " + " | ".join(PER_SEED_COLUMNS.values()) + " |", "|---" * (len(PER_SEED_COLUMNS) + 1) + "|"]
+    for factor in factors:
+        per_seed = details[factor]["per_seed"]
+        lines.append(f"| {factor} | " + " | ".join(" / ".join(f"{seed[key]:.3f}" for seed in per_seed)
+                                                   for key in PER_SEED_COLUMNS) + " |")
     class_names = list(next(iter(details.values()))["per_class_auc"])
     lines += ["", "Text separation (mean off-diagonal cosine of one report sentence per finding; groups at cosine >= "
               f"{CLASS_SEPARATION}), effective rank of the image embeddings, zero-shot AUC per class (means over "
