@@ -51,6 +51,7 @@ def worker(rank, port, out_path, mask_identical_captions):
         torch.save({"loss_con": out["loss_con"].detach(), "loss_rec": out["loss_rec"].detach(),
                     "correlation_weights": out["correlation_weights"].detach(),
                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}, out_path)
+    dist.barrier()  # neither process tears the group down while the other still uses it (rank 0 hosts its store)
     dist.destroy_process_group()
 
 
