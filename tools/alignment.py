@@ -214,14 +214,14 @@ def factor_details(runs: list[dict]) -> dict:
     cosine = np.mean([np.asarray(run["text_cosine"]) for run in runs], 0)
     off_diagonal = cosine[~np.eye(len(names), dtype=bool)]
     class_names = runs[0]["class_names"]
+    per_seed = [image_metrics([run], np.arange(len(run["labels"]))) for run in runs]  # every metric, once a seed
     per_class = {name: float(np.nanmean([roc_auc(np.asarray(run["labels"])[:, c], np.asarray(run["zero_shot"])[:, c])
                                          for run in runs])) for c, name in enumerate(class_names)}
     return dict(text_names=names, text_cosine=cosine.tolist(), text_mean_cosine=float(off_diagonal.mean()),
                 text_groups=text_groups(cosine, names),
                 effective_rank=float(np.mean([run["effective_rank"] for run in runs])),
                 per_class_auc=per_class, seeds=len(runs),
-                per_seed=[{key: image_metrics([run], np.arange(len(run["labels"])))[key] for key in PER_SEED_COLUMNS}
-                          for run in runs])
+                per_seed=[{key: seed[key] for key in PER_SEED_COLUMNS} for seed in per_seed])
 
 
 TABLE_COLUMNS = {  # metric key -> column heading
