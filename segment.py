@@ -10,8 +10,10 @@ The model, as the released mmsegmentation configs (docs/segmentation.md): the Vi
 8 and 12 (backbone.py; the same relative depths for shallower encoders), a simple feature pyramid (x4, x2, x1, x1/2),
 a UPerNet head to 2 classes and an auxiliary FCN head on the stride-p level. Loss: sigmoid focal x 2 + Dice x 1
 (auxiliary 0.8 + 0.4). AdamW with layer-wise lr decay 0.65, linear warm-up then a linear decay to 0. The validation
-split picks the best step (per-image Dice); the test split gets the per-image (medDice), pooled and positive-image
-Dice with bootstrap 95% intervals. Data: SIIM-ACR's train-rle.csv with images converted to PNG/JPEG anywhere under
+split picks the best step (SIIM: per-image Dice, as released); the test split gets the pooled, positive-image and
+per-image (medDice) Dice with bootstrap 95% intervals. The synthetic recipe differs where the released one learns
+nothing on a set that is mostly negative (docs/segmentation.md §7): balanced sampling, a Dice over the batch,
+selection by the pooled Dice. Data: SIIM-ACR's train-rle.csv with images converted to PNG/JPEG anywhere under
 --root and the released split lists (whose overlap is removed from training, --keep-overlap keeps it); or the
 synthetic world, whose train-rle.csv holds the phantom's pneumothorax masks, subsampled to nested fractions.
 Results, weights and figures go under --out-dir; --figure PATH also draws the summary figure there (the README's
@@ -45,7 +47,7 @@ from data import read_csv
 from finetune import EndlessPermutations, label_subset
 from maco import PRESETS
 from util import eval_datasets
-from util.checkpoint import save_checkpoint, write_atomic, write_json
+from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
@@ -54,20 +56,25 @@ from util.run_guard import OutDirLock
 # (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
 # released configs for SIIM (batch 8 = 4 GPUs x 2); the synthetic world's fit the default run into 10 CPU minutes.
 SCHEDULES = {"siim": {1: (5e-6, 1_000, 100, 50), 10: (2e-5, 5_000, 100, 50), 100: (1.5e-5, 160_000, 1_500, 500)},
-             "synthetic": {1: (3e-3, 40, 4, 20), 10: (3e-3, 70, 7, 35), 100: (3e-3, 100, 10, 50)}}
+             "synthetic": {1: (3e-3, 200, 20, 50), 10: (3e-3, 400, 40, 100), 100: (3e-3, 1_000, 100, 100)}}
 SETTINGS = {
     "siim": dict(root=None, ckpt=None, scratch=False, preset="base", img_size=512, batch_size=8, head_channels=768,
-                 aux_channels=256, workers=8),
+                 aux_channels=256, workers=8, sampling="uniform", dice="image", select_by="med_dice"),
     # the tiny encoder's own 64-pixel input (8 x 8 patches; the pyramid's finest level is 32 x 32) and narrow heads:
     # 128 pixels (the released 224 -> 512 doubling) costs 4x more per step than the 10-minute budget allows
     "synthetic": dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, preset="tiny", img_size=64,
-                      batch_size=8, head_channels=16, aux_channels=8, workers=0),
+                      batch_size=8, head_channels=16, aux_channels=8, workers=0, sampling="balanced", dice="batch",
+                      select_by="pooled_dice"),
 }
 RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
                                  warmup_steps=warmup, eval_interval=interval)
            for data, schedule in SCHEDULES.items() for pct, (lr, steps, warmup, interval) in schedule.items()}
 GROUPS = {data: [f"{data}-{pct}" for pct in schedule] for data, schedule in SCHEDULES.items()}
 MASKS_CSV = "train-rle.csv"
+SAMPLINGS = ("uniform", "balanced")
+DICE_LOSSES = ("image", "batch")
+METRIC_NAMES = {"pooled_dice": "pooled Dice", "positive_dice": "Dice, positive images", "med_dice":
+                "per-image Dice (medDice)"}
 
 
 @dataclass
@@ -97,6 +104,14 @@ class SegmentConfig:
     head_channels: int = option(None, "UPerNet head width (recipe: 768 as released, 16 synthetic)", minimum=1)
     aux_channels: int = option(None, "auxiliary FCN head width (recipe: 256 as released, 8 synthetic)", minimum=1)
     aux_head: bool = option(True, "train with the auxiliary FCN head (loss 0.8 focal + 0.4 Dice)")
+    sampling: str = option(None, "training images drawn uniformly (as released) or balanced: each draw an image with "
+                           "a pneumothorax with probability 1/2 (recipe: uniform SIIM, balanced synthetic)",
+                           choices=SAMPLINGS)
+    dice: str = option(None, "Dice loss per image (as released: an image without pneumothorax pushes every "
+                       "foreground probability to 0) or over the batch's pixels at once (recipe: image SIIM, batch "
+                       "synthetic)", choices=DICE_LOSSES)
+    select_by: str = option(None, "validation metric that picks the best step (recipe: med_dice SIIM, as released; "
+                            "pooled_dice synthetic, which an empty prediction cannot win)", choices=tuple(METRIC_NAMES))
     drop_path: float = option(0.1, "stochastic depth of the last encoder block", minimum=0, below=1)
     weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, cls token, positions)", minimum=0)
     layer_decay: float = option(0.65, "layer-wise lr decay: block i gets lr x decay^(depth - i)", above=0, maximum=1)
@@ -252,6 +267,39 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image, mask
 
 
+class BalancedDraws(torch.utils.data.Sampler):
+    """Endless training indices, each drawn from the images with a pneumothorax (`positives`) with probability 1/2,
+    else from the others; each group is walked in a fresh seeded permutation per pass. On a set where one image in
+    eight is positive, a batch holds four positives on average instead of one."""
+
+    def __init__(self, positives: list[int], negatives: list[int], seed: int):
+        if not positives or not negatives:
+            raise ValueError("balanced sampling needs images with and without a pneumothorax")
+        self.groups, self.seed = (positives, negatives), seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+
+        def walk(group):
+            while True:
+                yield from (group[i] for i in torch.randperm(len(group), generator=generator).tolist())
+        streams = [walk(group) for group in self.groups]
+        while True:
+            yield next(streams[int(torch.rand((), generator=generator) >= 0.5)])
+
+
+def training_sampler(items, setting: SegmentConfig) -> torch.utils.data.Sampler:
+    """The endless sampler of setting.sampling; a subset without positives (or negatives) is drawn uniformly."""
+    positives = [i for i, item in enumerate(items) if item.rle]
+    negatives = [i for i, item in enumerate(items) if not item.rle]
+    if setting.sampling == "balanced" and positives and negatives:
+        return BalancedDraws(positives, negatives, setting.seed)
+    if setting.sampling == "balanced":
+        print(f"{setting.recipe}: the {len(items)} training images are all {'positive' if positives else 'negative'}: "
+              f"drawn uniformly")
+    return EndlessPermutations(len(items), setting.seed)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The model: ViT maps -> simple feature pyramid -> UPerNet head (+ auxiliary FCN head), as released
 
@@ -357,20 +405,26 @@ def sigmoid_focal_loss(logits, target, gamma: float = 2.0, alpha: float = 0.5) -
     return (F.binary_cross_entropy_with_logits(logits, one_hot, reduction="none") * weight).mean()
 
 
-def dice_loss(logits, target, smooth: float = 1.0, exponent: int = 2) -> torch.Tensor:
+def dice_loss(logits, target, smooth: float = 1.0, exponent: int = 2, per_image: bool = True) -> torch.Tensor:
     """The released mmseg DiceLoss with class_weight [0, 1]: softmax probabilities p of the foreground, per image
     1 - (2 sum(p t) + smooth) / (sum(p^2) + sum(t^2) + smooth), the mean over images, divided by the class count
     (the background term is weighted 0 but still counted). An image without pneumothorax scores
-    1 - 1 / (sum(p^2) + 1): every foreground probability is pushed towards 0."""
+    1 - 1 / (sum(p^2) + 1): every foreground probability is pushed towards 0. per_image=False: one Dice over all
+    pixels of the batch (the sums run over the batch too), so an image without pneumothorax only adds its sum(p^2)
+    to the denominator of the batch's Dice, as its false positives would to the pooled Dice metric."""
     probabilities = torch.softmax(logits.float(), dim=1)[:, 1].flatten(1)  # (B, H*W)
     truth = (target == 1).float().flatten(1)  # (B, H*W)
+    if not per_image:
+        probabilities, truth = probabilities.reshape(1, -1), truth.reshape(1, -1)  # (1, B*H*W)
     numerator = 2 * (probabilities * truth).sum(1) + smooth
     denominator = (probabilities ** exponent).sum(1) + (truth ** exponent).sum(1) + smooth
     return (1 - numerator / denominator).mean() / logits.shape[1]
 
 
-def segmentation_loss(logits, target, focal_weight: float = 2.0, dice_weight: float = 1.0) -> torch.Tensor:
-    return focal_weight * sigmoid_focal_loss(logits, target) + dice_weight * dice_loss(logits, target)
+def segmentation_loss(logits, target, focal_weight: float = 2.0, dice_weight: float = 1.0,
+                      dice: str = "image") -> torch.Tensor:
+    return (focal_weight * sigmoid_focal_loss(logits, target)
+            + dice_weight * dice_loss(logits, target, per_image=dice == "image"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,7 +476,8 @@ def loader(dataset, setting: SegmentConfig, device, sampler=None):
 def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "") -> dict:
     """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (per-image
     Dice) at step 0, every setting.eval_interval steps and at the end; the best weights are loaded back at the end.
-    Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}."""
+    Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}: the Dice of
+    setting.select_by."""
     groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
     best = dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
@@ -436,9 +491,9 @@ def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, des
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         with autocast(device, setting.precision):
             logits, aux_logits = model(images)
-        loss = segmentation_loss(logits, masks)
+        loss = segmentation_loss(logits, masks, dice=setting.dice)
         if aux_logits is not None:
-            loss = loss + segmentation_loss(aux_logits, masks, focal_weight=0.8, dice_weight=0.4)
+            loss = loss + segmentation_loss(aux_logits, masks, focal_weight=0.8, dice_weight=0.4, dice=setting.dice)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -447,7 +502,7 @@ def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, des
             validations[step] = dice = validate()
             if dice > best["best_val_dice"]:
                 best.update(best_step=step, best_val_dice=dice, state=copy.deepcopy(model.state_dict()))
-            print(f"  {desc} step {step}: loss {loss.item():.4f}, validation medDice {dice:.3f}", flush=True)
+            print(f"  {desc} step {step}: loss {loss.item():.4f}, validation {setting.select_by} {dice:.3f}", flush=True)
     model.load_state_dict(best.pop("state"))
     return dict(best, losses=[loss.item() for loss in losses], validations=validations)
 
@@ -465,15 +520,17 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
     model = build_segmenter(init, setting, device)
     in_chans = init["cfg"].in_chans
     train_set = SegmentationDataset(data["train"], setting.img_size, in_chans, masks, flip=True)
-    batches = iter(loader(train_set, setting, device, EndlessPermutations(len(train_set), setting.seed)))
+    batches = iter(loader(train_set, setting, device, training_sampler(data["train"], setting)))
     val = loader(SegmentationDataset(data["val"], setting.img_size, in_chans, masks), setting, device)
-    history = fit(model, batches, setting, lambda: dice_scores(predict(model, val, device, setting.precision)[0])["med_dice"],
+    history = fit(model, batches, setting,
+                  lambda: dice_scores(predict(model, val, device, setting.precision)[0])[setting.select_by],
                   device, f"{setting.recipe} {init['name']}")
     save_checkpoint(run_dir(setting, init) / "best.pt", {
         "segmenter": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
         "segment_config": dataclasses.asdict(setting), "init": init["label"], "step": history["best_step"]})
     test = loader(SegmentationDataset(data["test"], setting.img_size, in_chans, masks), setting, device)
     counts, overlays = predict(model, test, device, setting.precision, keep=setting.overlays)
+    write_arrays(run_dir(setting, init) / "test_outputs.npz", dict(counts=counts))  # for paired comparisons
     # the same Dice on (up to 128) training images: the gap to the test Dice is what a test image that is also a
     # training image gains (the released lists' overlap, docs/segmentation.md §5)
     seen = loader(SegmentationDataset(data["train"][:128], setting.img_size, in_chans, masks), setting, device)
@@ -481,12 +538,14 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
     result = dict(recipe=setting.recipe, data=RECIPES[setting.recipe]["data"], label_fraction=setting.label_fraction,
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(item.rle) for item in data["train"]), val_images=len(data["val"]),
-                  best_step=history["best_step"], val_med_dice=history["best_val_dice"],
+                  best_step=history["best_step"], select_by=setting.select_by, val_dice=history["best_val_dice"],
                   validations=history["validations"], first_loss=losses[0] if losses else None,
                   last_loss=float(np.mean(losses[-5:])) if losses else None, split_notes=data["notes"],
                   seconds=round(time.time() - began, 1), weights=str(run_dir(setting, init) / "best.pt"),
                   train_subset=dice_scores(predict(model, seen, device, setting.precision)[0]),
-                  test=segmentation_metrics(counts, setting.n_boot, setting.seed))
+                  test=segmentation_metrics(counts, setting.n_boot, setting.seed),
+                  # what predicting no pneumothorax anywhere scores on this test split: medDice's floor
+                  empty_prediction=dice_scores(counts * [0, 0, 1]))
     if overlays:
         plot_overlays(overlays, f"{setting.recipe}, {init['label']}", run_dir(setting, init) / "overlays.png")
     return result, overlays
@@ -504,9 +563,10 @@ def run_experiment(cfg: SegmentConfig) -> dict:
         for init in inits:
             result, overlays = train_and_test(init, data, setting, masks, device)
             test = result["test"]
-            print(f"{setting.recipe:<16}{init['label']:<14} test medDice {test['med_dice']:.3f} "
-                  f"[{test['med_dice_ci95'][0]:.3f}, {test['med_dice_ci95'][1]:.3f}], pooled Dice "
-                  f"{test['pooled_dice']:.3f}  (best step {result['best_step']}, {result['seconds']:.0f} s)", flush=True)
+            print(f"{setting.recipe:<16}{init['label']:<14} test pooled Dice {test['pooled_dice']:.3f} "
+                  f"[{test['pooled_dice_ci95'][0]:.3f}, {test['pooled_dice_ci95'][1]:.3f}], positive images "
+                  f"{test['positive_dice']:.3f}, medDice {test['med_dice']:.3f}  (best step {result['best_step']}, "
+                  f"{result['seconds']:.0f} s)", flush=True)
             results.append(result)
             examples[init["label"]] = overlays  # the largest fraction's, drawn in the summary figure
             summary = dict(recipe=cfg.recipe, config=dataclasses.asdict(cfg), runs=results,
@@ -526,20 +586,16 @@ def draw_figures(results: list[dict], examples: dict, cfg: SegmentConfig) -> lis
 
 def save_examples(examples: dict, path) -> None:
     """The summary figure's overlays {label: [(image, truth, prediction)]} as arrays, for --redraw."""
-    arrays = {f"{k}/{label}/{name}": np.stack([overlay[j] for overlay in overlays])
-              for k, (label, overlays) in enumerate(examples.items()) if overlays
-              for j, name in enumerate(("image", "truth", "prediction"))}
-    def write(temp):
-        with open(temp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-    write_atomic(path, write)
+    write_arrays(path, {f"{k}/{label}/{name}": np.stack([overlay[j] for overlay in overlays])
+                        for k, (label, overlays) in enumerate(examples.items()) if overlays
+                        for j, name in enumerate(("image", "truth", "prediction"))})
 
 
 def load_examples(path) -> dict:
-    with np.load(path) as arrays:
-        keys = sorted({key.rsplit("/", 1)[0] for key in arrays.files}, key=lambda key: int(key.split("/")[0]))
-        return {key.split("/", 1)[1]: list(zip(*(arrays[f"{key}/{name}"] for name in ("image", "truth", "prediction"))))
-                for key in keys}
+    arrays = read_arrays(path)
+    keys = sorted({key.rsplit("/", 1)[0] for key in arrays}, key=lambda key: int(key.split("/")[0]))
+    return {key.split("/", 1)[1]: list(zip(*(arrays[f"{key}/{name}"] for name in ("image", "truth", "prediction"))))
+            for key in keys}
 
 
 def redraw(cfg: SegmentConfig) -> dict:
@@ -554,9 +610,6 @@ def redraw(cfg: SegmentConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------
 # Outputs: the table shaped like the paper's segmentation table, Dice against label fraction, overlays
-
-METRIC_NAMES = {"med_dice": "per-image Dice (medDice)", "pooled_dice": "pooled Dice", "positive_dice":
-                "Dice, positive images"}
 
 
 def draw_overlay(axis, image, truth, prediction) -> None:
@@ -581,23 +634,28 @@ def plot_overlays(overlays: list, title: str, path) -> None:
 
 
 def plot_summary(results: list[dict], examples: dict, path) -> None:
-    """Left: test per-image Dice against the fraction of training masks (bars: 95% intervals), one line per
-    initialisation; right: test overlays of each initialisation at the largest fraction, one row each."""
+    """Left: test pooled Dice (solid) and Dice over the positive images (dashed) against the fraction of training
+    masks (bars: 95% intervals), a colour per initialisation; right: test overlays of each initialisation at the
+    largest fraction, one row each."""
     from matplotlib.figure import Figure
     columns = max((len(v) for v in examples.values()), default=0)
     figure = Figure(figsize=(4.5 + 1.9 * columns, max(3.6, 1.9 * len(examples))))
     grid = figure.add_gridspec(max(1, len(examples)), 1 + columns, width_ratios=[2.4] + [1] * columns)
     axis = figure.add_subplot(grid[:, 0])
     for k, label in enumerate(dict.fromkeys(r["init_label"] for r in results)):
-        points = sorted((r["label_fraction"], r["test"]) for r in results if r["init_label"] == label)
-        fraction = np.array([100 * f for f, _ in points]) * (1 + 0.04 * k)  # spread the bars of a fraction apart
-        dice = np.array([t["med_dice"] for _, t in points])
-        low, high = np.array([t["med_dice_ci95"] for _, t in points]).T
-        axis.errorbar(fraction, dice, yerr=[dice - low, high - dice], marker="o", capsize=3, label=label)
+        points = sorted(((r["label_fraction"], r["test"]) for r in results if r["init_label"] == label),
+                        key=lambda point: point[0])
+        for m, (metric, style) in enumerate((("pooled_dice", "-"), ("positive_dice", "--"))):
+            # spread the bars of a fraction apart
+            fraction = np.array([100 * f for f, _ in points]) * (1 + 0.03 * (2 * k + m))
+            dice = np.array([t[metric] for _, t in points])
+            low, high = np.array([t[metric + "_ci95"] for _, t in points]).T
+            axis.errorbar(fraction, dice, yerr=[dice - low, high - dice], marker="o", capsize=3, color=f"C{k}",
+                          linestyle=style, label=f"{label}, {METRIC_NAMES[metric]}")
     fractions = sorted({r["label_fraction"] for r in results})
     axis.set_xscale("log")
     axis.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
-    axis.set(xlabel="training masks used", ylabel="test per-image Dice (medDice)",
+    axis.set(xlabel="training masks used", ylabel="test Dice", ylim=(0, 1),
              title=f"Pneumothorax segmentation: {', '.join(sorted({r['data'] for r in results}))}")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -615,6 +673,10 @@ def main(argv=None) -> int:
         with OutDirLock(cfg.out_dir, "--out-dir"):  # a second segment.py on the same folder stops at once
             summary = redraw(cfg) if cfg.redraw else run_experiment(cfg)
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
+        for data, empty in {r["data"]: r["empty_prediction"] for r in summary["runs"] if "empty_prediction" in r}.items():
+            print(f"\nPredicting no pneumothorax anywhere scores, on the {data} test split: medDice "
+                  f"{100 * empty['med_dice']:.1f}%, pooled Dice {100 * empty['pooled_dice']:.1f}%, positive images "
+                  f"{100 * empty['positive_dice']:.1f}%")
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and "
               f"overlays under {cfg.out_dir}, and {', '.join(summary['figures'])}")
     return run_script(SegmentConfig, body, argv, __doc__)

@@ -1,9 +1,12 @@
 """segment.py: masks from train-rle.csv (round trip, union of regions, letterbox), the released split lists'
 overlap, the pyramid and head shapes, the released focal and Dice losses and the Dice metrics against hand-computed
-values, the schedule, the synthetic world's masks, clear errors for bad input; a short run lowers the loss; slow:
+values, the Dice over the batch and balanced sampling, the schedule, the synthetic world's masks, clear errors for bad input; a short run lowers the loss; slow:
 the whole script end to end."""
+import dataclasses
+import itertools
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from PIL import Image
 
 import segment as sg
 from backbone import encoders_to_compare, layer_decay_groups, new_encoder
+from finetune import EndlessPermutations
 from fixtures_eval import write_text
 from maco import MaCoConfig
 from test_finetune import write_train_checkpoint
@@ -185,6 +189,45 @@ def test_dice_loss_against_hand_computed_values_including_an_empty_truth():
     assert total == pytest.approx(2 * sg.sigmoid_focal_loss(logits, target).item() + (first + second) / 4, rel=1e-6)
 
 
+def test_batch_dice_loss_pools_the_pixels_of_the_batch_against_hand_computed_values():
+    third = math.log(3)
+    logits = torch.tensor([[[[0.0, 0.0]], [[0.0, third]]],  # foreground probabilities 1/2 and 3/4
+                           [[[0.0, 0.0]], [[0.0, 0.0]]]])  # 1/2 and 1/2
+    target = torch.tensor([[[1, 0]], [[0, 0]]])  # the second image has no pneumothorax
+    # one Dice over the 4 pixels: (2 * 1/2 + 1) / (1/4 + 9/16 + 1/4 + 1/4 + 1 + 1), divided by the 2 classes
+    expected = (1 - 2 / 3.3125) / 2
+    assert sg.dice_loss(logits, target, per_image=False).item() == pytest.approx(expected, rel=1e-6)
+    total = sg.segmentation_loss(logits, target, dice="batch").item()
+    assert total == pytest.approx(2 * sg.sigmoid_focal_loss(logits, target).item() + expected, rel=1e-6)
+    # the negative image's pixels only enlarge the denominator: without them the batch Dice is the first image's
+    assert sg.dice_loss(logits[:1], target[:1], per_image=False).item() == pytest.approx(
+        sg.dice_loss(logits[:1], target[:1]).item(), rel=1e-6)
+
+
+def test_balanced_draws_take_half_positives_and_every_positive_once_per_pass():
+    positives, negatives = [3, 7, 11], list(set(range(40)) - {3, 7, 11})
+    draws = list(itertools.islice(iter(sg.BalancedDraws(positives, negatives, seed=0)), 6000))
+    share = np.mean([d in positives for d in draws])
+    assert 0.47 < share < 0.53  # binomial(6000, 1/2): the standard deviation of the share is 0.0065
+    drawn_positives = [d for d in draws if d in positives]
+    for start in range(0, 30, 3):  # each pass over the positives is a permutation of them
+        assert sorted(drawn_positives[start:start + 3]) == positives
+    assert sorted(set(draws)) == list(range(40))
+    again = list(itertools.islice(iter(sg.BalancedDraws(positives, negatives, seed=0)), 6000))
+    assert again == draws  # the same for a seed
+
+
+def test_balanced_sampling_of_a_subset_without_positives_falls_back_to_uniform(capsys):
+    items = [SimpleNamespace(rle=[]) for _ in range(5)]
+    setting = sg.SegmentConfig(recipe="synthetic-1", sampling="balanced", scratch=True)
+    sampler = sg.training_sampler(items, setting)
+    assert isinstance(sampler, EndlessPermutations)
+    assert "all negative: drawn uniformly" in capsys.readouterr().out
+    items[2] = SimpleNamespace(rle=["1 2"])
+    assert isinstance(sg.training_sampler(items, setting), sg.BalancedDraws)
+    assert isinstance(sg.training_sampler(items, dataclasses.replace(setting, sampling="uniform")), EndlessPermutations)
+
+
 def test_dice_metrics_follow_the_released_per_image_rule():
     truth = np.zeros((4, 4, 4), bool)
     predicted = np.zeros((4, 4, 4), bool)
@@ -217,7 +260,7 @@ def test_a_short_run_lowers_the_loss():
     torch.manual_seed(0)
     cfg = MaCoConfig.preset("tiny")
     run = sg.SegmentConfig(img_size=64, head_channels=16, aux_channels=8, lr=1e-3, steps=10, warmup_steps=2,
-                           eval_interval=100, drop_path=0.0, precision="fp32")
+                           eval_interval=100, drop_path=0.0, precision="fp32", dice="image", select_by="pooled_dice")
     model = sg.build_segmenter(dict(encoder=new_encoder(cfg), cfg=cfg), run, torch.device("cpu"))
     images = torch.randn(2, 1, 64, 64)
     masks = torch.zeros(2, 64, 64, dtype=torch.int64)

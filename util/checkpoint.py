@@ -240,3 +240,17 @@ def _jsonable(value):
 def write_json(data: dict, path) -> None:
     """Strict JSON (NaN becomes null), written atomically."""
     write_atomic(path, lambda temp: Path(temp).write_text(json.dumps(_jsonable(data), indent=2)))
+
+
+def write_arrays(path, arrays: dict[str, np.ndarray]) -> None:
+    """Named numpy arrays as a compressed .npz, written atomically (read back with read_arrays)."""
+    def write(temp):
+        with open(temp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    write_atomic(path, write)
+
+
+def read_arrays(path) -> dict[str, np.ndarray]:
+    """The arrays of a write_arrays file (no pickled objects)."""
+    with np.load(path, allow_pickle=False) as arrays:
+        return {name: arrays[name] for name in arrays.files}

@@ -229,7 +229,17 @@ def average_precision(scores, matched, n_truth: int) -> np.ndarray:
     return ap
 
 
-def _ap_summary(per_image: list, chosen) -> dict:
+def matched_images(predictions: list, truths: list) -> list:
+    """Per image (scores (n,), matched (T, n), number of true boxes): COCO's matching, done once, from which
+    ap_summary scores any resample of the images."""
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} images of predictions, {len(truths)} of true boxes")
+    return [(*match_detections(boxes, scores, truth), len(np.asarray(truth).reshape(-1, 4)))
+            for (boxes, scores), truth in zip(predictions, truths)]
+
+
+def ap_summary(per_image: list, chosen) -> dict:
+    """AP, AP50, AP75 of the images `chosen` (indices, repeats allowed) of matched_images' list."""
     scores = np.concatenate([per_image[i][0] for i in chosen])
     matched = np.concatenate([per_image[i][1] for i in chosen], axis=1)
     ap = average_precision(scores, matched, sum(per_image[i][2] for i in chosen))  # (T,)
@@ -241,13 +251,10 @@ def box_ap_metrics(predictions: list, truths: list, n_boot: int = 1000, seed: in
     bootstrap intervals (test images resampled with replacement, seeded). predictions: per image (boxes (N, 4),
     scores (N,)); truths: per image true boxes (K, 4); boxes (x1, y1, x2, y2). An image without a true box adds
     only false positives."""
-    if len(predictions) != len(truths):
-        raise ValueError(f"{len(predictions)} images of predictions, {len(truths)} of true boxes")
-    per_image = [(*match_detections(boxes, scores, truth), len(np.asarray(truth).reshape(-1, 4)))
-                 for (boxes, scores), truth in zip(predictions, truths)]
-    result = _ap_summary(per_image, range(len(per_image)))
+    per_image = matched_images(predictions, truths)
+    result = ap_summary(per_image, range(len(per_image)))
     rng = np.random.default_rng(seed)
-    resampled = [_ap_summary(per_image, rng.integers(0, len(per_image), len(per_image))) for _ in range(n_boot)]
+    resampled = [ap_summary(per_image, rng.integers(0, len(per_image), len(per_image))) for _ in range(n_boot)]
     for name in ("ap", "ap50", "ap75"):
         values = np.array([r[name] for r in resampled])
         values = values[~np.isnan(values)]
