@@ -49,7 +49,7 @@ from data import IMAGE_MEAN, IMAGE_STD, check_root, read_csv, resize_to_square
 from finetune import EndlessPermutations, label_subset
 from maco import PRESETS
 from util import eval_datasets
-from util.checkpoint import save_checkpoint, write_atomic, write_json
+from util.checkpoint import save_checkpoint, write_arrays, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import box_ap_metrics, interval_table
@@ -59,7 +59,7 @@ from util.run_guard import OutDirLock
 # ViTDet config (5e-4 at 1% and 10%, 3e-4 at 100%; 5,600 iterations; validation every 560, as its eval_period);
 # the synthetic world's fit the default run (3 fractions x 2 initialisations) into 10 minutes on 2 CPU cores.
 SCHEDULES = {"rsna": {1: (5e-4, 5_600, 250, 560), 10: (5e-4, 5_600, 250, 560), 100: (3e-4, 5_600, 250, 560)},
-             "synthetic": {1: (2e-3, 40, 10, 20), 10: (2e-3, 120, 10, 40), 100: (2e-3, 400, 10, 50)}}
+             "synthetic": {1: (2e-3, 100, 10, 50), 10: (2e-3, 250, 10, 50), 100: (2e-3, 700, 10, 100)}}
 SETTINGS = {
     "rsna": dict(root=None, ckpt=None, scratch=False, preset="base", img_size=1024, batch_size=32,
                  pyramid_channels=256, box_head_width=1024, proposals=1000, rois_per_image=512, workers=8),
@@ -67,7 +67,7 @@ SETTINGS = {
     # as the tiny encoder is (192 = 768 / 4 wide: 64 channels, 256 features); fewer proposals and sampled RoIs for
     # the 4,092 anchors of a 64-pixel image (a 1024-pixel one has 261,888). Each costs 4x less time per step.
     "synthetic": dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, preset="tiny", img_size=64,
-                      batch_size=8, pyramid_channels=64, box_head_width=256, proposals=200, rois_per_image=128,
+                      batch_size=8, pyramid_channels=64, box_head_width=256, proposals=100, rois_per_image=64,
                       workers=0),
 }
 RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
@@ -396,6 +396,17 @@ def run_dir(setting: DetectConfig, init: dict) -> Path:
     return Path(setting.out_dir) / setting.recipe / init["name"]
 
 
+def flat_boxes(predictions: list, truths: list) -> dict[str, np.ndarray]:
+    """Per-image predictions [(boxes (N, 4), scores (N,))] and true boxes [(K, 4)] as flat arrays with the image's
+    index beside each box (for paired comparisons: util.metrics.box_ap_metrics takes them back per image)."""
+    return dict(boxes=np.concatenate([b for b, _ in predictions]).reshape(-1, 4),
+                scores=np.concatenate([s for _, s in predictions]),
+                box_image=np.concatenate([np.full(len(b), i) for i, (b, _) in enumerate(predictions)]).astype(np.int64),
+                truths=np.concatenate(truths).reshape(-1, 4),
+                truth_image=np.concatenate([np.full(len(t), i) for i, t in enumerate(truths)]).astype(np.int64),
+                n_images=np.array(len(truths)))
+
+
 def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tuple[dict, list]:
     """Fine-tune on the training subset, pick the best validation step, test it; returns (result, examples)."""
     began = time.time()
@@ -414,6 +425,7 @@ def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tup
     test_predictions = predict(model, DetectionDataset(data["test"], setting.img_size, in_chans), setting, device)
     truths = true_boxes(data["test"], setting.img_size)
     test = box_ap_metrics(test_predictions, truths, setting.n_boot, setting.seed)
+    write_arrays(run_dir(setting, init) / "test_outputs.npz", flat_boxes(test_predictions, truths))
     examples = [(item, truth, *found) for item, truth, found in
                 zip(data["test"], truths, test_predictions)][:setting.examples]
     losses = history["losses"]

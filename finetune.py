@@ -41,7 +41,7 @@ from data import grey_8bit, to_model_input
 from eval_zeroshot import plot_roc
 from maco import PRESETS, MaCo, MaCoConfig, load
 from util import eval_datasets
-from util.checkpoint import check_writable, save_checkpoint, write_atomic, write_json
+from util.checkpoint import check_writable, save_checkpoint, write_arrays, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import classification_metrics, macro_auc
@@ -57,9 +57,10 @@ SCHEDULES = {
     "chexpert": {1: (8e-4, 2_000, 50), 10: (1e-4, 60_000, 1_500), 100: (1e-5, 200_000, 15_000)},
     "rsna": {1: (6.5e-3, 2_000, 50), 10: (6e-4, 10_000, 200), 100: (5e-4, 50_000, 2_000)},
     "siim": {1: (6.5e-3, 2_000, 50), 10: (6e-4, 10_000, 200), 100: (5e-4, 50_000, 2_000)},
-    "synthetic": {1: (3e-2, 30, 3), 10: (1e-2, 40, 4), 100: (1e-2, 60, 6)},
+    "synthetic": {1: (3e-2, 50, 5), 10: (1e-2, 100, 10), 100: (1e-2, 200, 20)},
 }
 REAL_DATA = dict(root=None, ckpt=None, scratch=False, linear_probe=False, preset="base", img_size=224, batch_size=96,
+                 head_lr_scale=1.0, probe_head=False,
                  crop_scale=0.08, eval_interval=None, probe_lr=0.1, probe_steps=2_000, probe_warmup_steps=100,
                  workers=8, figure=None)
 SETTINGS = {name: REAL_DATA for name in ("nih", "chexpert", "rsna", "siim")}
@@ -67,7 +68,7 @@ SETTINGS = {name: REAL_DATA for name in ("nih", "chexpert", "rsna", "siim")}
 # little to spare, and a crop that cuts off a costophrenic angle or an apex would contradict the image's label.
 # Steps fit the whole default run (2 initialisations x 3 fractions x 2 modes) in 10 minutes on 2 CPU cores.
 SETTINGS["synthetic"] = dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, linear_probe=None,
-                             preset="tiny", img_size=64, batch_size=96, crop_scale=0.8, eval_interval=10,
+                             preset="tiny", img_size=64, batch_size=96, head_lr_scale=1.0, probe_head=True, crop_scale=0.8, eval_interval=25,
                              probe_lr=1.0, probe_steps=500, probe_warmup_steps=25, workers=0, figure=None)
 RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
                                  warmup_steps=warmup)
@@ -101,6 +102,10 @@ class FinetuneConfig:
                            "(recipe: 224 real, 64 synthetic)", minimum=1)
     crop_scale: float = option(None, "smallest RandomResizedCrop area fraction (recipe: 0.08 as released, "
                                "0.8 synthetic)", above=0, maximum=1)
+    probe_head: bool = option(None, "fine-tuning starts from the linear probe's trained head instead of a new one "
+                              "(LP-FT, Kumar et al. 2022) (recipe: off real data, as released; on synthetic)")
+    head_lr_scale: float = option(None, "fine-tuning: the head's learning rate over the encoder's (recipe: 1 real "
+                                  "data, as released)", above=0)
     drop_path: float = option(0.1, "stochastic depth of the last encoder block in fine-tuning", minimum=0, below=1)
     weight_decay: float = option(0.0, "SGD weight decay", minimum=0)
     clip_grad: float = option(1.0, "gradient-norm clipping", above=0)
@@ -346,7 +351,11 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
     each new best is saved (save(step, auc)) and the best weights are loaded back at the end.
     Returns {best_step, best_val_auc, losses (one per step), validations {step: auc}}."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=setting.weight_decay)
+    head = {id(p) for p in model.head.parameters()} if isinstance(model, Classifier) else set()
+    groups = [dict(params=[p for p in params if id(p) not in head], lr_scale=1.0),
+              dict(params=[p for p in params if id(p) in head], lr_scale=setting.head_lr_scale)]
+    optimizer = torch.optim.SGD([group for group in groups if group["params"]], lr=lr, momentum=0.9,
+                                weight_decay=setting.weight_decay)
     best = dict(best_step=0, best_val_auc=validate(), state=copy.deepcopy(model.state_dict()))
     save(0, best["best_val_auc"])
     validations, losses = {0: best["best_val_auc"]}, []
@@ -354,7 +363,7 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True):
         for group in optimizer.param_groups:
-            group["lr"] = finetune_lr(step, lr, warmup_steps, steps)
+            group["lr"] = finetune_lr(step, lr, warmup_steps, steps) * group["lr_scale"]
         inputs, labels = next(batches)
         with autocast(device, setting.precision):
             logits = model(inputs.to(device, non_blocking=True))
@@ -468,6 +477,7 @@ def evaluate_run(model: Classifier, init: dict, mode: str, data: dict, setting: 
     else:
         test = loader(FinetuneDataset(data["test"], setting.img_size, init["cfg"].in_chans), setting.batch_size, setting, device)
         labels, scores = predict(model, test, device, setting.precision)
+    write_arrays(folder / "test_outputs.npz", dict(labels=labels, scores=scores))  # for paired comparisons
     metrics = classification_metrics(labels, scores, data["class_names"], setting.n_boot, setting.seed)
     plot_roc(labels, scores, data["class_names"], folder / "roc_curves.png", metrics["macro_auc"],
              title=f"{setting.recipe}, {init['name']}, {mode}: test ROC")
@@ -492,7 +502,8 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
     check_writable(cfg.out_dir, "--out-dir")
     check_writable(Path(runs[0].figure).parent, "--figure")
     inits = initialisations(runs[0])
-    modes = {True: ["linear-probe"], False: ["finetune"], None: ["finetune", "linear-probe"]}[runs[0].linear_probe]
+    # the probe first: with --probe-head, fine-tuning starts from its head
+    modes = {True: ["linear-probe"], False: ["finetune"], None: ["linear-probe", "finetune"]}[runs[0].linear_probe]
     caches = {init["name"]: {} for init in inits}  # frozen features per initialisation, shared by the fractions
     results = []
     for setting in runs:
@@ -501,12 +512,17 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
             if init.get("class_names") and len(init["class_names"]) != len(data["class_names"]):
                 raise ValueError(f"{init['label']} has a head for {len(init['class_names'])} classes; "
                                  f"{setting.recipe} has {len(data['class_names'])}")
+            probe = None
             for mode in modes:
                 began = time.time()
                 if mode == "finetune":
-                    model, history = finetune(init, data, setting, device)
+                    if setting.probe_head and probe is None:  # LP-FT: the probe first (it saves its own best.pt)
+                        probe, _ = linear_probe(init, data, setting, device, caches[init["name"]])
+                    model, history = finetune(dict(init, head=probe.head) if setting.probe_head else init, data,
+                                              setting, device)
                 else:
-                    model, history = linear_probe(init, data, setting, device, caches[init["name"]])
+                    probe, history = linear_probe(init, data, setting, device, caches[init["name"]])
+                    model = probe
                 result = evaluate_run(model, init, mode, data, setting, device, history, caches[init["name"]],
                                       time.time() - began)
                 low, high = result["test"]["macro_auc_ci95"]

@@ -260,7 +260,7 @@ def test_a_short_fine_tune_lowers_the_loss_and_its_best_weights_reload_exactly(s
     out = tmp_path / "out"
     common = ["--recipe", "synthetic-100", "--root", str(synthetic_root), "--workers", "0", "--batch-size", "16",
               "--n-boot", "50", "--figure", str(tmp_path / "figure.png")]
-    assert ft.main(common + ["--scratch", "--no-linear-probe", "--steps", "40", "--warmup-steps", "4",
+    assert ft.main(common + ["--scratch", "--no-linear-probe", "--no-probe-head", "--steps", "40", "--warmup-steps", "4",
                              "--eval-interval", "10", "--out-dir", str(out)]) == 0
     run = json.loads((out / "metrics.json").read_text())["runs"][0]
     assert run["init"] == "scratch" and run["mode"] == "finetune" and run["train_images"] > 100
@@ -295,3 +295,17 @@ def test_the_linear_probe_trains_the_head_only_on_features_computed_once(synthet
     source = torch.load(tmp_path / "tiny.pt", weights_only=True)["model"]
     assert torch.equal(best["classifier"]["encoder.blocks.0.attn.qkv.weight"],
                        source["image_encoder.blocks.0.attn.qkv.weight"])  # the encoder stayed frozen
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_the_probe_head_starts_where_the_probe_ended(synthetic_root, tmp_path):
+    write_train_checkpoint(tmp_path / "tiny.pt")
+    assert ft.main(["--recipe", "synthetic-10", "--root", str(synthetic_root), "--ckpt", str(tmp_path / "tiny.pt"),
+                    "--no-scratch", "--probe-head", "--workers", "0", "--probe-steps", "30", "--steps", "4",
+                    "--eval-interval", "2", "--batch-size", "16", "--n-boot", "20", "--precision", "fp32",
+                    "--out-dir", str(tmp_path / "out"), "--figure", str(tmp_path / "figure.png")]) == 0
+    probe, finetuned = json.loads((tmp_path / "out" / "metrics.json").read_text())["runs"]
+    assert (probe["mode"], finetuned["mode"]) == ("linear-probe", "finetune")
+    # step 0 of fine-tuning is the frozen encoder with the probe's best head: the probe's validation AUC
+    assert finetuned["validations"]["0"] == pytest.approx(probe["val_macro_auc"], abs=1e-5)
+    assert finetuned["val_macro_auc"] >= probe["val_macro_auc"] - 1e-5
