@@ -341,3 +341,20 @@ def test_segment_end_to_end_on_the_synthetic_world(synthetic_root, tmp_path, cap
     assert (out / "synthetic-100" / "maco" / "overlays.png").is_file()
     assert sg.main(["--redraw", "--out-dir", str(out), "--figure", str(tmp_path / "again.png")]) == 0  # no training
     assert (tmp_path / "again.png").is_file() and "pooled Dice (%)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_diagnosis_measures_each_variant_at_every_interval(synthetic_root, tmp_path, capsys):
+    from tools import segment_diagnosis
+    out = tmp_path / "diagnosis"
+    assert segment_diagnosis.main(["--variants", "released,synthetic", "--steps", "3", "--interval", "2",
+                                   "--out-dir", str(out), "--root", str(synthetic_root)]) == 0
+    variants = json.loads((out / "diagnosis.json").read_text())["variants"]
+    assert variants["synthetic"]["flags"] == dict(sampling="balanced", dice="batch", select_by="pooled_dice")
+    for result in variants.values():
+        rows = result["rows"]
+        assert [row["step"] for row in rows] == [0, 2, 3]
+        for row in rows:
+            assert 0 <= row["p_outside"] <= 1 and 0 <= row["p_inside"] <= 1 and 0 <= row["val_pooled_dice"] <= 1
+    assert segment_diagnosis.main(["--variants", "nonsense"]) == 2
+    assert "unknown nonsense" in capsys.readouterr().err

@@ -50,7 +50,8 @@ VARIANTS = {  # segment.py settings over the synthetic-100 recipe: one change at
 class DiagnosisConfig:
     variants: str = option("released,balanced,batch-dice,balanced+batch-dice", "comma-separated names of VARIANTS: "
                            + ", ".join(VARIANTS))
-    recipe: str = option("synthetic-100", "segment.py recipe the variants change", choices=tuple(sg.RECIPES))
+    recipe: str = option("synthetic-100", "segment.py recipe the variants change", choices=tuple(sg.GROUPS["synthetic"]))
+    root: str = option("data/synthetic", "the synthetic world (train-rle.csv and the images)")
     ckpt: str = option("", "train.py checkpoint for the encoder; empty: a random encoder (--scratch)")
     steps: int = option(600, "training iterations per variant", minimum=1)
     interval: int = option(100, "iterations between measurements", minimum=1)
@@ -89,7 +90,7 @@ def measure(model, probes: dict, device, precision) -> dict:
 
 def run_variant(name: str, cfg: DiagnosisConfig, device) -> list[dict]:
     overrides = dict(VARIANTS[name])
-    setting = sg.SegmentConfig(recipe=cfg.recipe, ckpt=cfg.ckpt or None, scratch=not cfg.ckpt, steps=cfg.steps,
+    setting = sg.SegmentConfig(recipe=cfg.recipe, root=cfg.root, ckpt=cfg.ckpt or None, scratch=not cfg.ckpt, steps=cfg.steps,
                                eval_interval=cfg.interval, seed=cfg.seed, device=cfg.device, **overrides)
     setting = sg.resolve(setting)[0]
     setting = dataclasses.replace(setting, precision=resolve_precision(setting.precision, device),
