@@ -65,7 +65,9 @@ SETTINGS = {
                  pyramid_channels=256, box_head_width=1024, proposals=1000, rois_per_image=512, workers=8),
     # the tiny encoder's own 64-pixel input (8 x 8 patches); a pyramid and box head as much narrower than ViTDet's
     # as the tiny encoder is (192 = 768 / 4 wide: 64 channels, 256 features); fewer proposals and sampled RoIs for
-    # the 4,092 anchors of a 64-pixel image (a 1024-pixel one has 261,888). Each costs 4x less time per step.
+    # the 4,092 anchors and one or two true boxes of a 64-pixel image (a 1024-pixel one has 261,888 anchors): 100
+    # and 64 cost 0.20 s per iteration against 0.32 s with 200 and 128, time spent on more iterations instead
+    # (docs/detection.md §5: the detector learns slowly at first whatever the data).
     "synthetic": dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, preset="tiny", img_size=64,
                       batch_size=8, pyramid_channels=64, box_head_width=256, proposals=100, rois_per_image=64,
                       workers=0),
@@ -113,9 +115,9 @@ class DetectConfig:
                                    minimum=1)
     box_head_width: int = option(None, "width of the two-layer box head (recipe: 1024, 256 synthetic)", minimum=1)
     proposals: int = option(None, "RPN proposals kept per image after NMS, and per level before it (recipe: 1000 "
-                            "as ViTDet, 200 synthetic)", minimum=1)
+                            "as ViTDet, 100 synthetic)", minimum=1)
     rois_per_image: int = option(None, "proposals sampled per image to train the box head (recipe: 512 as ViTDet, "
-                                 "128 synthetic)", minimum=1)
+                                 "64 synthetic)", minimum=1)
     drop_path: float = option(0.1, "stochastic depth of the last encoder block", minimum=0, below=1)
     weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, cls token, positions)", minimum=0)
     layer_decay: float = option(0.7, "layer-wise lr decay: block i gets lr x decay^(depth - i)", above=0, maximum=1)
