@@ -423,6 +423,8 @@ def dice_loss(logits, target, smooth: float = 1.0, exponent: int = 2, per_image:
 
 def segmentation_loss(logits, target, focal_weight: float = 2.0, dice_weight: float = 1.0,
                       dice: str = "image") -> torch.Tensor:
+    if dice not in DICE_LOSSES:
+        raise ValueError(f"dice {dice!r}: expected one of {', '.join(DICE_LOSSES)}")
     return (focal_weight * sigmoid_focal_loss(logits, target)
             + dice_weight * dice_loss(logits, target, per_image=dice == "image"))
 
@@ -474,10 +476,9 @@ def loader(dataset, setting: SegmentConfig, device, sampler=None):
 
 
 def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "") -> dict:
-    """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (per-image
-    Dice) at step 0, every setting.eval_interval steps and at the end; the best weights are loaded back at the end.
-    Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}: the Dice of
-    setting.select_by."""
+    """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (validate():
+    the Dice of setting.select_by) at step 0, every setting.eval_interval steps and at the end; the best weights are
+    loaded back at the end. Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}."""
     groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
     best = dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
@@ -502,7 +503,8 @@ def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, des
             validations[step] = dice = validate()
             if dice > best["best_val_dice"]:
                 best.update(best_step=step, best_val_dice=dice, state=copy.deepcopy(model.state_dict()))
-            print(f"  {desc} step {step}: loss {loss.item():.4f}, validation {setting.select_by} {dice:.3f}", flush=True)
+            print(f"  {desc} step {step}: loss {loss.item():.4f}, validation {setting.select_by} {dice:.3f}",
+                  flush=True)
     model.load_state_dict(best.pop("state"))
     return dict(best, losses=[loss.item() for loss in losses], validations=validations)
 
@@ -673,7 +675,8 @@ def main(argv=None) -> int:
         with OutDirLock(cfg.out_dir, "--out-dir"):  # a second segment.py on the same folder stops at once
             summary = redraw(cfg) if cfg.redraw else run_experiment(cfg)
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
-        for data, empty in {r["data"]: r["empty_prediction"] for r in summary["runs"] if "empty_prediction" in r}.items():
+        empties = {r["data"]: r["empty_prediction"] for r in summary["runs"] if "empty_prediction" in r}
+        for data, empty in empties.items():
             print(f"\nPredicting no pneumothorax anywhere scores, on the {data} test split: medDice "
                   f"{100 * empty['med_dice']:.1f}%, pooled Dice {100 * empty['pooled_dice']:.1f}%, positive images "
                   f"{100 * empty['positive_dice']:.1f}%")

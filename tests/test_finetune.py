@@ -260,7 +260,8 @@ def test_a_short_fine_tune_lowers_the_loss_and_its_best_weights_reload_exactly(s
     out = tmp_path / "out"
     common = ["--recipe", "synthetic-100", "--root", str(synthetic_root), "--workers", "0", "--batch-size", "16",
               "--n-boot", "50", "--figure", str(tmp_path / "figure.png")]
-    assert ft.main(common + ["--scratch", "--no-linear-probe", "--no-probe-head", "--steps", "40", "--warmup-steps", "4",
+    assert ft.main(common + ["--scratch", "--no-linear-probe", "--no-probe-head", "--steps", "40",
+                             "--warmup-steps", "4",
                              "--eval-interval", "10", "--out-dir", str(out)]) == 0
     run = json.loads((out / "metrics.json").read_text())["runs"][0]
     assert run["init"] == "scratch" and run["mode"] == "finetune" and run["train_images"] > 100

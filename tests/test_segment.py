@@ -1,7 +1,7 @@
 """segment.py: masks from train-rle.csv (round trip, union of regions, letterbox), the released split lists'
 overlap, the pyramid and head shapes, the released focal and Dice losses and the Dice metrics against hand-computed
-values, the Dice over the batch and balanced sampling, the schedule, the synthetic world's masks, clear errors for bad input; a short run lowers the loss; slow:
-the whole script end to end."""
+values, the Dice over the batch and balanced sampling, the schedule, the synthetic world's masks, clear errors for
+bad input; a short run lowers the loss; slow: the whole script end to end, the diagnosis tool."""
 import dataclasses
 import itertools
 import json

@@ -50,10 +50,12 @@ VARIANTS = {  # segment.py settings over the synthetic-100 recipe: one change at
 class DiagnosisConfig:
     variants: str = option("released,balanced,batch-dice,balanced+batch-dice", "comma-separated names of VARIANTS: "
                            + ", ".join(VARIANTS))
-    recipe: str = option("synthetic-100", "segment.py recipe the variants change", choices=tuple(sg.GROUPS["synthetic"]))
+    recipe: str = option("synthetic-100", "segment.py recipe the variants change",
+                         choices=tuple(sg.GROUPS["synthetic"]))
     root: str = option("data/synthetic", "the synthetic world (train-rle.csv and the images)")
     ckpt: str = option("", "train.py checkpoint for the encoder; empty: a random encoder (--scratch)")
     steps: int = option(600, "training iterations per variant", minimum=1)
+    warmup_steps: int = option(10, "linear warm-up iterations", minimum=0)
     interval: int = option(100, "iterations between measurements", minimum=1)
     seed: int = option(0, "seed of the head, the data order and the random encoder", minimum=0)
     out_dir: str = option("runs/segment-diagnosis", "where diagnosis.json goes")
@@ -85,16 +87,17 @@ def measure(model, probes: dict, device, precision) -> dict:
     val = dice_scores(val_counts)
     return dict(train_positive_dice=dice_scores(counts)["positive_dice"], p_inside=float(inside),
                 p_outside=float(outside), p_negative=float(np.mean([p.mean() for p, _ in negative_maps])),
-                val_pooled_dice=val["pooled_dice"], val_positive_dice=val["positive_dice"], val_med_dice=val["med_dice"])
+                val_pooled_dice=val["pooled_dice"], val_positive_dice=val["positive_dice"],
+                val_med_dice=val["med_dice"])
 
 
 def run_variant(name: str, cfg: DiagnosisConfig, device) -> list[dict]:
     overrides = dict(VARIANTS[name])
-    setting = sg.SegmentConfig(recipe=cfg.recipe, root=cfg.root, ckpt=cfg.ckpt or None, scratch=not cfg.ckpt, steps=cfg.steps,
+    setting = sg.SegmentConfig(recipe=cfg.recipe, root=cfg.root, ckpt=cfg.ckpt or None, scratch=not cfg.ckpt,
+                               steps=cfg.steps, warmup_steps=min(cfg.warmup_steps, cfg.steps),
                                eval_interval=cfg.interval, seed=cfg.seed, device=cfg.device, **overrides)
     setting = sg.resolve(setting)[0]
-    setting = dataclasses.replace(setting, precision=resolve_precision(setting.precision, device),
-                                  warmup_steps=min(setting.warmup_steps, cfg.steps // 10))
+    setting = dataclasses.replace(setting, precision=resolve_precision(setting.precision, device))
     init = encoders_to_compare(setting)[0]
     data = sg.load_data(setting)
     masks = {}
@@ -106,7 +109,8 @@ def run_variant(name: str, cfg: DiagnosisConfig, device) -> list[dict]:
         return sg.loader(sg.SegmentationDataset(items[:64], setting.img_size, in_chans, masks), setting, device)
     probes = dict(positives=fixed([i for i in data["train"] if i.rle]),
                   negatives=fixed([i for i in data["train"] if not i.rle]),
-                  val=sg.loader(sg.SegmentationDataset(data["val"], setting.img_size, in_chans, masks), setting, device))
+                  val=sg.loader(sg.SegmentationDataset(data["val"], setting.img_size, in_chans, masks), setting,
+                                device))
     model = sg.build_segmenter(init, setting, device)
     train_set = sg.SegmentationDataset(data["train"], setting.img_size, in_chans, masks, flip=True)
     batches = iter(sg.loader(train_set, setting, device, sg.training_sampler(data["train"], setting)))
