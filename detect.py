@@ -59,7 +59,7 @@ from util.run_guard import OutDirLock
 # ViTDet config (5e-4 at 1% and 10%, 3e-4 at 100%; 5,600 iterations; validation every 560, as its eval_period);
 # the synthetic world's fit the default run (3 fractions x 2 initialisations) into 10 minutes on 2 CPU cores.
 SCHEDULES = {"rsna": {1: (5e-4, 5_600, 250, 560), 10: (5e-4, 5_600, 250, 560), 100: (3e-4, 5_600, 250, 560)},
-             "synthetic": {1: (2e-3, 100, 10, 50), 10: (2e-3, 250, 10, 50), 100: (2e-3, 700, 10, 100)}}
+             "synthetic": {1: (2e-3, 300, 10, 50), 10: (2e-3, 250, 10, 50), 100: (2e-3, 700, 10, 100)}}
 SETTINGS = {
     "rsna": dict(root=None, ckpt=None, scratch=False, preset="base", img_size=1024, batch_size=32,
                  pyramid_channels=256, box_head_width=1024, proposals=1000, rois_per_image=512, workers=8),
