@@ -21,7 +21,7 @@ import numpy as np
 
 from util.checkpoint import read_arrays, read_json, write_json
 from util.cli import option, run_script
-from util.metrics import ap_summary, dice_scores, macro_auc, matched_images
+from util.metrics import ap_summary, dice_scores, macro_auc, matched_images, percentile_interval
 
 METRICS = {"finetune": ("macro_auc",), "segment": ("pooled_dice", "positive_dice", "med_dice"),
            "detect": ("ap", "ap50")}
@@ -102,12 +102,10 @@ def compare(runs: dict, a: str, b: str, task: str, n_boot: int, seed: int) -> li
                 boot[metric].append(np.mean([x[metric] - y[metric] for x, y in pairs]))
         row = dict(fraction=fraction, seeds=seeds, a=a, b=b, n_images=n)
         for metric, values in boot.items():
-            values = np.array(values)
-            values = values[~np.isnan(values)]
             row[metric] = dict(a=float(np.mean([x[metric] for x, _ in full])),
                                b=float(np.mean([y[metric] for _, y in full])),
                                difference=float(np.mean([x[metric] - y[metric] for x, y in full])),
-                               ci95=[float(v) for v in np.percentile(values, [2.5, 97.5])] if len(values) else None,
+                               ci95=percentile_interval(values),
                                per_seed=[float(x[metric] - y[metric]) for x, y in full])
         rows.append(row)
     return rows
@@ -120,7 +118,7 @@ def table(rows: list[dict], task: str) -> str:
         cells = []
         for metric in METRICS[task]:
             value = row[metric]
-            low, high = value["ci95"] or (float("nan"),) * 2
+            low, high = value["ci95"]
             cells.append(f"{100 * value['a']:.1f} / {100 * value['b']:.1f} / {100 * value['difference']:+.1f} "
                          f"[{100 * low:+.1f}, {100 * high:+.1f}]".rjust(44))
         lines.append(f"{row['a'] + ' - ' + row['b']:<22}{100 * row['fraction']:>8g}%{len(row['seeds']):>7}  "
@@ -134,10 +132,9 @@ def main(argv=None) -> int:
         if not out_dirs:
             raise ValueError("--runs: name at least one --out-dir of finetune.py, segment.py or detect.py")
         runs = collect(out_dirs, cfg.task, cfg.mode)
-        results = {}
+        results, names = {}, sorted({name for name, _ in runs})
         for pair in cfg.compare.split(","):
             a, _, b = pair.partition(":")
-            names = sorted({name for name, _ in runs})
             if a not in names or b not in names:
                 raise ValueError(f"--compare {pair}: the runs have the encoders {', '.join(names)}")
             results[pair] = compare(runs, a, b, cfg.task, cfg.n_boot, cfg.seed)
@@ -145,6 +142,7 @@ def main(argv=None) -> int:
         if cfg.out:
             write_json(dict(task=cfg.task, runs=out_dirs, pairs=results), cfg.out)
     return run_script(CompareConfig, body, argv, __doc__)
+
 
 if __name__ == "__main__":
     sys.exit(main())

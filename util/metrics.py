@@ -95,17 +95,23 @@ def macro_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return nanmean([roc_auc(labels[:, c], scores[:, c]) for c in range(labels.shape[1])])
 
 
+def percentile_interval(samples, level: float = 0.95) -> list[float]:
+    """[low, high] percentiles of bootstrap samples around their middle `level` share, NaN samples left out;
+    [nan, nan] if none is left."""
+    samples = np.asarray(samples, np.float64)
+    samples = samples[~np.isnan(samples)]
+    if len(samples) == 0:
+        return [float("nan")] * 2
+    return [float(b) for b in np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])]
+
+
 def bootstrap_macro_auc_ci(labels, scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the macro AUC, resampling images with replacement (seeded)."""
     labels, scores = np.asarray(labels, np.float64), np.asarray(scores, np.float64)
     rng = np.random.default_rng(seed)
-    values = np.array([macro_auc(labels[idx], scores[idx])
-                       for idx in (rng.integers(0, len(labels), len(labels)) for _ in range(n_boot))])
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
-    return float(low), float(high)
+    low, high = percentile_interval([macro_auc(labels[idx], scores[idx]) for idx in
+                                     (rng.integers(0, len(labels), len(labels)) for _ in range(n_boot))], level)
+    return low, high
 
 
 def classification_metrics(labels, scores, class_names: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -162,10 +168,7 @@ def segmentation_metrics(counts, n_boot: int = 1000, seed: int = 0, level: float
     rng = np.random.default_rng(seed)
     resampled = [dice_scores(counts[rng.integers(0, len(counts), len(counts))]) for _ in range(n_boot)]
     for name in list(scores):
-        values = np.array([r[name] for r in resampled])
-        values = values[~np.isnan(values)]
-        bounds = np.percentile(values, [50 * (1 - level), 50 * (1 + level)]) if len(values) else [np.nan] * 2
-        scores[f"{name}_ci95"] = [float(b) for b in bounds]
+        scores[f"{name}_ci95"] = percentile_interval([r[name] for r in resampled], level)
     return dict(scores, n_images=len(counts), n_positive=int((counts[:, 2] > 0).sum()))
 
 
@@ -256,10 +259,7 @@ def box_ap_metrics(predictions: list, truths: list, n_boot: int = 1000, seed: in
     rng = np.random.default_rng(seed)
     resampled = [ap_summary(per_image, rng.integers(0, len(per_image), len(per_image))) for _ in range(n_boot)]
     for name in ("ap", "ap50", "ap75"):
-        values = np.array([r[name] for r in resampled])
-        values = values[~np.isnan(values)]
-        bounds = np.percentile(values, [50 * (1 - level), 50 * (1 + level)]) if len(values) else [np.nan] * 2
-        result[f"{name}_ci95"] = [float(b) for b in bounds]
+        result[f"{name}_ci95"] = percentile_interval([r[name] for r in resampled], level)
     return dict(result, n_images=len(truths), n_boxes=sum(p[2] for p in per_image))
 
 
