@@ -3,9 +3,12 @@
 A dense task needs maps, not one vector: the patch tokens of a few blocks, cls dropped, reshaped back onto the
 patch grid (as the released UPerNet segmentation and ViTDet detection read MaCo's encoder). Three pieces:
 
-  resize_pos_embed    the position table interpolated (bicubic) to the grid of a larger input (released: 224 -> 512)
-  ViTBackbone         images (B, C, H, W) -> [(B, D, H/p, W/p) after each requested block]
-  layer_decay_groups  AdamW parameter groups with layer-wise learning-rate decay (BEiT / MAE practice)
+  resize_pos_embed    the position table interpolated (bicubic) to the grid of a larger input (released: 224 -> 512),
+                      kept fixed or made trainable (both released fine-tuning backbones train it)
+  ViTBackbone         images (B, C, H, W) -> [(B, D, H/p, W/p) after each requested block], with or without the
+                      cls token in the sequence
+  layer_decay_groups  AdamW parameter groups with layer-wise learning-rate decay (BEiT / MAE practice) and the
+                      weight-decay exemptions of one of three rules
 
 and the choice of encoders a fine-tuning script compares (finetune.py, segment.py, detect.py): the pretrained one
 (`--ckpt`: a train.py checkpoint or the released maco.pth; `--init`: MAE's ImageNet weights) against a random one of
@@ -13,6 +16,7 @@ the same shape (`--scratch`).
 
 vit.py keeps its position embeddings in a fixed, persistent buffer (2-D sine-cosine, or whatever table a checkpoint
 brought), so resizing replaces that buffer with the interpolated one: still a buffer, still saved with the weights.
+`resize_pos_embed(..., trainable=True)` turns it into a parameter instead (its state-dict key stays `pos_embed`).
 """
 
 import dataclasses
@@ -50,30 +54,36 @@ def pos_embed_grid(encoder: VisionTransformer) -> tuple[int, int]:
     return side, side
 
 
-def resize_pos_embed(encoder: VisionTransformer, grid: tuple[int, int]) -> None:
+def resize_pos_embed(encoder: VisionTransformer, grid: tuple[int, int], trainable: bool = False) -> None:
     """Interpolate the encoder's patch position embeddings to a (rows, cols) grid, bicubically, in place; the cls
     slot is kept as it is. The table stays a persistent buffer (as vit.py stores it), so the weights of a model
-    fine-tuned at the new size save and load with the new table."""
+    fine-tuned at the new size save and load with the new table; trainable=True makes it an nn.Parameter (the
+    released mmseg and ViTDet backbones train it, at the patch embedding's layer-decayed lr)."""
     rows, cols = grid
     old_rows, old_cols = pos_embed_grid(encoder)
-    if (rows, cols) == (old_rows, old_cols):
-        return
-    table = encoder.pos_embed  # (1, 1 + old_rows * old_cols, D)
-    width = table.shape[-1]
-    patches = table[:, 1:].reshape(1, old_rows, old_cols, width).permute(0, 3, 1, 2)  # (1, D, r, c)
-    patches = F.interpolate(patches.float(), size=(rows, cols), mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, rows * cols, width)  # (1, rows * cols, D)
-    encoder.register_buffer("pos_embed", torch.cat([table[:, :1], patches.to(table.dtype)], dim=1))
-    encoder.pos_grid = (rows, cols)
+    table = encoder.pos_embed.detach()  # (1, 1 + old_rows * old_cols, D)
+    if (rows, cols) != (old_rows, old_cols):
+        width = table.shape[-1]
+        patches = table[:, 1:].reshape(1, old_rows, old_cols, width).permute(0, 3, 1, 2)  # (1, D, r, c)
+        patches = F.interpolate(patches.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+        patches = patches.permute(0, 2, 3, 1).reshape(1, rows * cols, width)  # (1, rows * cols, D)
+        table = torch.cat([table[:, :1], patches.to(table.dtype)], dim=1)  # (1, 1 + rows * cols, D)
+        encoder.pos_grid = (rows, cols)
+    del encoder.pos_embed  # a buffer (or a parameter, if made trainable before)
+    if trainable:
+        encoder.pos_embed = nn.Parameter(table.clone())
+    else:
+        encoder.register_buffer("pos_embed", table)
 
 
 class ViTBackbone(nn.Module):
     """forward(images (B, C, H, W), H and W multiples of the patch size p) -> one map (B, D, H/p, W/p) per
     requested block, in the order of `block_indices`: the patch tokens after that block, without the final
     LayerNorm and without the cls token, nothing masked. The position table must be for the (H/p, W/p) grid
-    (resize_pos_embed). Blocks after the last requested one are not run."""
+    (resize_pos_embed). Blocks after the last requested one are not run. cls_token=False: the sequence holds the
+    patch tokens alone (ViTDet's backbone has no cls token; mmseg's MAE/MaCo backbone keeps it)."""
 
-    def __init__(self, encoder: VisionTransformer, block_indices: tuple[int, ...]):
+    def __init__(self, encoder: VisionTransformer, block_indices: tuple[int, ...], cls_token: bool = True):
         super().__init__()
         depth = len(encoder.blocks)
         if not block_indices or any(not 0 <= i < depth for i in block_indices):
@@ -81,6 +91,7 @@ class ViTBackbone(nn.Module):
                              f"encoder's {depth} blocks")
         self.encoder = encoder
         self.block_indices = tuple(block_indices)
+        self.cls_token = cls_token
         self.width = encoder.cls_token.shape[-1]
         self.patch_size = encoder.patch_size
 
@@ -96,29 +107,51 @@ class ViTBackbone(nn.Module):
                              f"resize_pos_embed(encoder, ({rows}, {cols})) first")
         encoder = self.encoder
         x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]  # (B, L, D), L = rows * cols
-        cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, 1 + L, D)
+        if self.cls_token:
+            cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + L, D)
+        first = int(self.cls_token)
         maps = {}
         for index, block in enumerate(encoder.blocks[:max(self.block_indices) + 1]):
             x = block(x)
             if index in self.block_indices:
-                maps[index] = x[:, 1:].transpose(1, 2).reshape(B, self.width, rows, cols)  # (B, D, rows, cols)
+                maps[index] = x[:, first:].transpose(1, 2).reshape(B, self.width, rows, cols)  # (B, D, rows, cols)
         return [maps[index] for index in self.block_indices]
 
 
-def layer_decay_groups(encoder: VisionTransformer, others: nn.Module, weight_decay: float,
-                       layer_decay: float) -> list[dict]:
+DECAY_EXEMPTIONS = {  # which parameters AdamW's weight decay skips
+    "norms_biases_tokens": "every 1-D tensor (norms, biases), the cls token and the position table (MAE, BEiT)",
+    "released_mmseg": "1-D tensors and biases: the released mmseg constructor's check for pos_embed and cls_token "
+                      "compares bare names with the prefixed backbone.* names and never matches",
+    "released_vitdet": "the ViT's own LayerNorms and the position table only (detectron2: torch norm types and the "
+                       "pos_embed override; biases and the pyramid's LayerNorms are decayed)",
+}
+LAYER_IDS = {  # how a parameter's layer id (its lr scale) is found
+    "by_block": "patch embedding, cls token and positions 0, block i i + 1, the rest depth + 1 (MAE, BEiT, ViTDet)",
+    "released_mmseg": "stock mmseg 0.25 on the released backbone: it looks for backbone.layers.*, MaCo names its "
+                      "blocks blocks.*, so every block lands at depth + 1 (scale 1); patch embedding, cls, positions 0",
+}
+
+
+def layer_decay_groups(encoder: VisionTransformer, others: nn.Module, weight_decay: float, layer_decay: float,
+                       decay_exempt: str = "norms_biases_tokens", layer_ids: str = "by_block") -> list[dict]:
     """AdamW parameter groups with layer-wise learning-rate decay; each group's `lr_scale` multiplies the lr.
 
-    Layer ids as released (BEiT's and MAE's): patch embedding, cls token and position table 0; block i, i + 1;
-    the encoder's final norm and everything in `others` (pyramid, heads) depth + 1. Scale = layer_decay **
-    (depth + 1 - layer id): 1 for the heads, layer_decay for the last block, layer_decay ** depth for the first,
-    layer_decay ** (depth + 1) for the patch embedding. (MAE writes num_layers = depth + 1 and scale = decay **
-    (num_layers - id); the released mmseg constructor, num_layers = 12 + 2 and decay ** (num_layers - id - 1): the
-    same numbers.) No weight decay on 1-D tensors (norms, biases) nor on the cls token and position table.
-    `others` may contain the encoder (the whole model): a parameter is placed once, by its encoder name.
+    Layer ids as released (BEiT's and MAE's, layer_ids="by_block"): patch embedding, cls token and position
+    table 0; block i, i + 1; the encoder's final norm and everything in `others` (pyramid, heads) depth + 1.
+    Scale = layer_decay ** (depth + 1 - layer id): 1 for the heads, layer_decay for the last block,
+    layer_decay ** depth for the first, layer_decay ** (depth + 1) for the patch embedding. (MAE writes
+    num_layers = depth + 1 and scale = decay ** (num_layers - id); the mmseg constructor the released configs
+    name, num_layers = 12 + 2 and decay ** (num_layers - id - 1): the same numbers.) layer_ids="released_mmseg":
+    every block at depth + 1 (see LAYER_IDS). No weight decay on the parameters of the `decay_exempt` rule
+    (DECAY_EXEMPTIONS). `others` may contain the encoder (the whole model): a parameter is placed once, by its
+    encoder name.
     """
+    if decay_exempt not in DECAY_EXEMPTIONS or layer_ids not in LAYER_IDS:
+        raise ValueError(f"decay_exempt {decay_exempt!r}, layer_ids {layer_ids!r}: expected one of "
+                         f"{', '.join(DECAY_EXEMPTIONS)} and one of {', '.join(LAYER_IDS)}")
     depth = len(encoder.blocks)
+    encoder_norms = {id(p) for m in encoder.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     named = [(f"encoder.{name}", param) for name, param in encoder.named_parameters()]
     named += [(f"others.{name}", param) for name, param in others.named_parameters()]
     groups, placed = {}, set()
@@ -128,14 +161,19 @@ def layer_decay_groups(encoder: VisionTransformer, others: nn.Module, weight_dec
         placed.add(id(param))
         if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed")):
             layer_id = 0
-        elif name.startswith("encoder.blocks."):
+        elif name.startswith("encoder.blocks.") and layer_ids == "by_block":
             layer_id = int(name.split(".")[2]) + 1
         else:
             layer_id = depth + 1
-        no_decay = param.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed"))
-        key = (layer_id, no_decay)
+        if decay_exempt == "norms_biases_tokens":
+            exempt = param.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed"))
+        elif decay_exempt == "released_mmseg":
+            exempt = param.ndim == 1 or name.endswith(".bias")
+        else:
+            exempt = id(param) in encoder_norms or name == "encoder.pos_embed"
+        key = (layer_id, exempt)
         if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if exempt else weight_decay,
                            "lr_scale": layer_decay ** (depth + 1 - layer_id), "layer_id": layer_id}
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)

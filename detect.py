@@ -14,7 +14,7 @@ validation split picks the best step; the test split gets COCO box AP, AP50 and 
 intervals. Data: stage_2_train_labels.csv with its images (found by patientId under --root), split by a hash of
 patientId or by --split-dir lists; or the synthetic world's consolidation boxes and its own split. Images without
 pneumonia are left out (as released; --train-negatives trains on them). Training subsets are nested. Results, weights
-and the figure go under --out-dir; --figure docs/detection.png also redraws the README's copy.
+and the figure go under --out-dir; --figure docs/detection.png also redraws docs/detection.md's copy.
 """
 
 import copy
@@ -35,9 +35,13 @@ from PIL import Image
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import initLevelMapper
 
 from backbone import (
+    DECAY_EXEMPTIONS,
     ViTBackbone,
     check_encoder_flags,
     layer_decay_groups,
@@ -61,16 +65,23 @@ from util.run_guard import OutDirLock
 SCHEDULES = {"rsna": {1: (5e-4, 5_600, 250, 560), 10: (5e-4, 5_600, 250, 560), 100: (3e-4, 5_600, 250, 560)},
              "synthetic": {1: (2e-3, 300, 10, 50), 10: (2e-3, 250, 10, 50), 100: (2e-3, 700, 10, 100)}}
 SETTINGS = {
+    # as the released ViTDet config and detectron2's defaults it builds on (docs/detection.md §2 cites each)
     "rsna": dict(root=None, ckpt=None, scratch=False, preset="base", img_size=1024, batch_size=32,
-                 pyramid_channels=256, box_head_width=1024, proposals=1000, rois_per_image=512, workers=8),
+                 pyramid_channels=256, box_head_width=1024, proposals=1000, pre_nms_train=2000, rois_per_image=512,
+                 workers=8, pixel_mean=125.281 / 255, pixel_std=63.929 / 255, roi_align_aligned=True,
+                 box_loss_beta=0.0, norm_eps=1e-6, cls_token=False, train_pos_embed=True, decay_exempt="released_vitdet"),
     # the tiny encoder's own 64-pixel input (8 x 8 patches); a pyramid and box head as much narrower than ViTDet's
     # as the tiny encoder is (192 = 768 / 4 wide: 64 channels, 256 features); fewer proposals and sampled RoIs for
     # the 4,092 anchors and one or two true boxes of a 64-pixel image (a 1024-pixel one has 261,888 anchors): 100
     # and 64 cost 0.20 s per iteration against 0.32 s with 200 and 128, time spent on more iterations instead
-    # (docs/detection.md §5: the detector learns slowly at first whatever the data).
+    # (docs/detection.md §5: the detector learns slowly at first whatever the data). The pretraining's pixel
+    # statistics, position table (fixed) and cls token, torchvision's RoIAlign and box loss, PyTorch's LayerNorm eps
+    # and weight-decay exemptions: the choices docs/detection.md's synthetic numbers were measured with.
     "synthetic": dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, preset="tiny", img_size=64,
-                      batch_size=8, pyramid_channels=64, box_head_width=256, proposals=100, rois_per_image=64,
-                      workers=0),
+                      batch_size=8, pyramid_channels=64, box_head_width=256, proposals=100, pre_nms_train=100,
+                      rois_per_image=64, workers=0, pixel_mean=IMAGE_MEAN, pixel_std=IMAGE_STD,
+                      roi_align_aligned=False, box_loss_beta=1 / 9, norm_eps=1e-5, cls_token=True,
+                      train_pos_embed=False, decay_exempt="norms_biases_tokens"),
 }
 RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
                                  warmup_steps=warmup, eval_interval=interval)
@@ -114,18 +125,38 @@ class DetectConfig:
     pyramid_channels: int = option(None, "channels of every pyramid level (recipe: 256 as ViTDet, 64 synthetic)",
                                    minimum=1)
     box_head_width: int = option(None, "width of the two-layer box head (recipe: 1024, 256 synthetic)", minimum=1)
-    proposals: int = option(None, "RPN proposals kept per image after NMS, and per level before it (recipe: 1000 "
-                            "as ViTDet, 100 synthetic)", minimum=1)
+    proposals: int = option(None, "RPN proposals kept per image after NMS, and per level before it at test time "
+                            "(recipe: 1000 as ViTDet, 100 synthetic)", minimum=1)
+    pre_nms_train: int = option(None, "RPN proposals kept per level before NMS in training (recipe: 2000 as ViTDet, "
+                                "100 synthetic)", minimum=1)
     rois_per_image: int = option(None, "proposals sampled per image to train the box head (recipe: 512 as ViTDet, "
                                  "64 synthetic)", minimum=1)
+    pixel_mean: float = option(None, "pixel mean of images in [0, 1] (recipe: 125.281 / 255 as released for RSNA, "
+                               "the pretraining's 0.4978 synthetic)", minimum=0, maximum=1)
+    pixel_std: float = option(None, "pixel standard deviation (recipe: 63.929 / 255 RSNA, 0.2449 synthetic)", above=0)
+    roi_align_aligned: bool = option(None, "RoIAlign with detectron2's half-pixel alignment (ROIAlignV2, as "
+                                     "released) or torchvision's default (recipe: aligned RSNA, not synthetic)")
+    box_loss_beta: float = option(None, "smooth L1 beta of the RPN's and box head's regression losses: 0 is L1 (as "
+                                  "released), 1/9 torchvision's (recipe: 0 RSNA, 1/9 synthetic)", minimum=0)
+    norm_eps: float = option(None, "epsilon of the pyramid's LayerNorms (recipe: 1e-6 as detectron2's, 1e-5 "
+                             "synthetic)", above=0)
+    cls_token: bool = option(None, "keep the cls token in the encoder's sequence (recipe: RSNA no, as ViTDet's "
+                             "backbone; synthetic yes)")
+    train_pos_embed: bool = option(None, "train the (interpolated) position table, as ViTDet's nn.Parameter "
+                                   "(recipe: RSNA trained, synthetic fixed)")
     drop_path: float = option(0.1, "stochastic depth of the last encoder block", minimum=0, below=1)
-    weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, cls token, positions)", minimum=0)
+    weight_decay: float = option(0.05, "AdamW weight decay", minimum=0)
+    decay_exempt: str = option(None, "parameters without weight decay (recipe: released_vitdet RSNA, norms_biases_tokens "
+                           "synthetic): " + "; ".join(f"{name}: {what}" for name, what in DECAY_EXEMPTIONS.items()),
+                           choices=tuple(DECAY_EXEMPTIONS))
     layer_decay: float = option(0.7, "layer-wise lr decay: block i gets lr x decay^(depth - i)", above=0, maximum=1)
+    test_weights: str = option("best", "weights tested: the best validation step's, or the last step's (the "
+                               "released code selects nothing)", choices=("best", "last"))
     train_negatives: bool = option(False, "also train on the images without pneumonia (released: positives only, "
                                    "docs/detection.md)")
     examples: int = option(4, "test images drawn with their true and predicted boxes", minimum=0)
     out_dir: str = option("runs/detect", "where metrics.json, weights and the figure go")
-    figure: str = option("", "also draw the figure here (the README's copy: docs/detection.png)")
+    figure: str = option("", "also draw the figure here (docs/detection.md's copy: docs/detection.png)")
     n_boot: int = option(1000, "bootstrap resamples for the 95% intervals", minimum=1)
     seed: int = option(0, "seed of the training subsets, the new layers and the data order", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
@@ -213,11 +244,12 @@ def letterboxed_boxes(item: eval_datasets.BoxedImage, size: int) -> torch.Tensor
     return torch.stack([x * scale + left, y * scale + top, (x + w) * scale + left, (y + h) * scale + top], dim=1)
 
 
-def scale_jitter(image: torch.Tensor, boxes: torch.Tensor, min_scale: float, max_scale: float):
+def scale_jitter(image: torch.Tensor, boxes: torch.Tensor, min_scale: float, max_scale: float,
+                 fill: float = IMAGE_MEAN):
     """The released training augmentation (detectron2: RandomFlip, ResizeScale, FixedSizeCrop without padding, then
     the batch's padding): image (C, S, S) in [0, 1], boxes (K, 4). A horizontal flip with probability 1/2; a resize
     by a factor drawn from [min_scale, max_scale]; a random S x S window of a larger image, or a smaller one padded
-    at the bottom and right with the mean grey (0 after normalisation). Boxes follow, are clipped to the window
+    at the bottom and right with `fill`, the mean grey (0 after normalisation). Boxes follow, are clipped to the window
     and dropped if less than a pixel wide or high."""
     channels, size, _ = image.shape
     if torch.rand(()) < 0.5:
@@ -226,7 +258,7 @@ def scale_jitter(image: torch.Tensor, boxes: torch.Tensor, min_scale: float, max
     side = max(1, round(size * (min_scale + (max_scale - min_scale) * torch.rand(()).item())))
     image = F.interpolate(image[None], size=(side, side), mode="bilinear", antialias=True)[0]  # (C, side, side)
     top, left = torch.randint(0, max(side - size, 0) + 1, (2,)).tolist()
-    canvas = torch.full((channels, size, size), IMAGE_MEAN)
+    canvas = torch.full((channels, size, size), fill)
     window = image[:, top:top + size, left:left + size]
     canvas[:, :window.shape[1], :window.shape[2]] = window
     boxes = (boxes * side / size - torch.tensor([left, top, left, top])).clamp(0, min(size, side))
@@ -236,7 +268,8 @@ def scale_jitter(image: torch.Tensor, boxes: torch.Tensor, min_scale: float, max
 
 class DetectionDataset(torch.utils.data.Dataset):
     """(image (in_chans, S, S) in [0, 1], target {boxes (K, 4) float (x1, y1, x2, y2), labels (K,) int64 ones}),
-    letterboxed to S. The detector normalises the image itself. jitter: scale_jitter(min, max) for training."""
+    letterboxed to S. The detector normalises the image itself. jitter: scale_jitter's (min, max, fill) for
+    training."""
 
     def __init__(self, items: list[eval_datasets.BoxedImage], size: int, in_chans: int, jitter: tuple | None = None):
         self.items, self.size, self.in_chans, self.jitter = items, size, in_chans, jitter
@@ -264,7 +297,7 @@ def collate(batch):
 # The model: ViT -> simple feature pyramid -> torchvision's Faster R-CNN
 
 class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of (B, C, H, W) maps (ViTDet's norm="LN")."""
+    """LayerNorm over the channels of (B, C, H, W) maps (ViTDet's norm="LN"; its eps is 1e-6)."""
 
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, W, C) normalised, back
@@ -276,21 +309,23 @@ class SimpleFeaturePyramid(nn.Module):
     transposed convolutions (x4: two, with LayerNorm and GELU between), down-sampling by max-pooling; each level
     then a 1x1 and a 3x3 convolution to `channels`, each followed by LayerNorm; pool max-pools down2 (stride 2)."""
 
-    def __init__(self, encoder, channels: int = 256):
+    def __init__(self, encoder, channels: int = 256, norm_eps: float = 1e-5, cls_token: bool = True):
         super().__init__()
-        self.vit = ViTBackbone(encoder, (len(encoder.blocks) - 1,))
+        self.vit = ViTBackbone(encoder, (len(encoder.blocks) - 1,), cls_token=cls_token)
         width = self.vit.width
         self.out_channels = channels  # read by torchvision's FasterRCNN
         self.rescale = nn.ModuleDict({
-            "up4": nn.Sequential(nn.ConvTranspose2d(width, width // 2, 2, stride=2), ChannelLayerNorm(width // 2),
+            "up4": nn.Sequential(nn.ConvTranspose2d(width, width // 2, 2, stride=2),
+                                 ChannelLayerNorm(width // 2, eps=norm_eps),
                                  nn.GELU(), nn.ConvTranspose2d(width // 2, width // 4, 2, stride=2)),
             "up2": nn.ConvTranspose2d(width, width // 2, 2, stride=2),
             "same": nn.Identity(),
             "down2": nn.MaxPool2d(2, stride=2)})
         widths = {"up4": width // 4, "up2": width // 2, "same": width, "down2": width}
         self.project = nn.ModuleDict({name: nn.Sequential(
-            nn.Conv2d(widths[name], channels, 1, bias=False), ChannelLayerNorm(channels),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), ChannelLayerNorm(channels)) for name in LEVELS})
+            nn.Conv2d(widths[name], channels, 1, bias=False), ChannelLayerNorm(channels, eps=norm_eps),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), ChannelLayerNorm(channels, eps=norm_eps))
+            for name in LEVELS})
 
     def forward(self, images):
         tokens = self.vit(images)[0]  # (B, D, S/p, S/p) after the last block
@@ -299,30 +334,96 @@ class SimpleFeaturePyramid(nn.Module):
         return maps
 
 
+class AlignedRoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (same levels, same level rule) sampling as detectron2's ROIAlignV2:
+    roi_align(aligned=True), a box's corners shifted by half a feature pixel so that a pixel's centre lies at +0.5.
+    torchvision's own forward always samples with aligned=False."""
+
+    def forward(self, x: dict, boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        features = [x[name] for name in self.featmap_names]
+        height = max(h for h, _ in image_shapes)
+        scales = [2.0 ** round(math.log2(feature.shape[-2] / height)) for feature in features]  # 1/4 ... 1/32
+        levels = initLevelMapper(int(-math.log2(scales[0])), int(-math.log2(scales[-1])), self.canonical_scale,
+                                 self.canonical_level)(boxes)  # (R,) each box's level
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])  # (R, 5)
+        pooled = features[0].new_zeros((len(rois), features[0].shape[1]) + tuple(self.output_size))  # (R, C, 7, 7)
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            index = torch.where(levels == level)[0]
+            pooled[index] = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio,
+                                      aligned=True).to(pooled.dtype)
+        return pooled
+
+
+def smooth_l1(predicted: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
+    """Summed smooth L1: 0.5 x^2 / beta where |x| < beta, else |x| - beta / 2; beta 0 is the L1 loss."""
+    return F.l1_loss(predicted, target, reduction="sum") if beta == 0 else F.smooth_l1_loss(
+        predicted, target, beta=beta, reduction="sum")
+
+
+class BoxLossRPN(RegionProposalNetwork):
+    """torchvision's RPN with the box-regression loss's beta a setting (torchvision fixes 1/9; detectron2's
+    ViTDet uses 0, the L1 loss); the same sampling and normalisation (the sampled anchors' count)."""
+    box_loss_beta = 1 / 9
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        positives, negatives = self.fg_bg_sampler(labels)
+        positives, negatives = torch.where(torch.cat(positives))[0], torch.where(torch.cat(negatives))[0]
+        sampled = torch.cat([positives, negatives])
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        box_loss = smooth_l1(pred_bbox_deltas[positives], regression_targets[positives], self.box_loss_beta)
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return objectness_loss, box_loss / sampled.numel()
+
+
+class BoxLossRoIHeads(RoIHeads):
+    """torchvision's RoI heads with the box-regression loss's beta a setting (as BoxLossRPN); inference as
+    torchvision's."""
+    box_loss_beta = 1 / 9
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)  # (R, classes), (R, 4 * classes)
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        positive = torch.where(labels > 0)[0]
+        box_regression = box_regression.reshape(len(labels), -1, 4)[positive, labels[positive]]  # (P, 4)
+        box_loss = smooth_l1(box_regression, regression_targets[positive], self.box_loss_beta) / labels.numel()
+        return [], {"loss_classifier": F.cross_entropy(class_logits, labels), "loss_box_reg": box_loss}
+
+
 def build_detector(encoder, setting: DetectConfig, in_chans: int) -> FasterRCNN:
     """Faster R-CNN (2 classes: background, pneumonia) on a fresh copy of the encoder, its position table
-    interpolated to the input grid. Anchors 32..512 (one size per level, ratios 1:2, 1:1, 2:1) and the RoI level
-    rule (a 224-pixel box to the stride-p level) scale with img_size / 1024. torchvision's own transform only
-    normalises (the project's grey mean and std): min_size = max_size = img_size, the size the images already have."""
+    interpolated to the input grid (trained or fixed). Anchors 32..512 (one size per level, ratios 1:2, 1:1, 2:1)
+    and the RoI level rule (a 224-pixel box to the stride-p level) scale with img_size / 1024. torchvision's own
+    transform only normalises (setting.pixel_mean, pixel_std): min_size = max_size = img_size, the size the images
+    already have."""
     torch.manual_seed(setting.seed)
     encoder = copy.deepcopy(encoder)
     encoder.set_drop_path(setting.drop_path)
     if setting.img_size % encoder.patch_size:
         raise ValueError(f"--img-size {setting.img_size} is not a multiple of the patch size {encoder.patch_size}")
     grid = setting.img_size // encoder.patch_size
-    resize_pos_embed(encoder, (grid, grid))
+    resize_pos_embed(encoder, (grid, grid), trainable=setting.train_pos_embed)
     scale = setting.img_size / RELEASED_INPUT
     anchors = AnchorGenerator(tuple((size * scale,) for size in ANCHOR_SIZES), ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES))
-    roi_align = MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=0, canonical_scale=224 * scale,
-                                   canonical_level=round(math.log2(encoder.patch_size)))
-    return FasterRCNN(SimpleFeaturePyramid(encoder, setting.pyramid_channels), min_size=setting.img_size,
-                      max_size=setting.img_size, image_mean=[IMAGE_MEAN] * in_chans, image_std=[IMAGE_STD] * in_chans,
-                      size_divisible=encoder.patch_size, rpn_anchor_generator=anchors, box_roi_pool=roi_align,
-                      box_head=TwoMLPHead(setting.pyramid_channels * 7 * 7, setting.box_head_width),
-                      box_predictor=FastRCNNPredictor(setting.box_head_width, 2), box_detections_per_img=100,
-                      rpn_pre_nms_top_n_train=setting.proposals, rpn_pre_nms_top_n_test=setting.proposals,
-                      rpn_post_nms_top_n_train=setting.proposals, rpn_post_nms_top_n_test=setting.proposals,
-                      box_batch_size_per_image=setting.rois_per_image)
+    roi_align = (AlignedRoIAlign if setting.roi_align_aligned else MultiScaleRoIAlign)(
+        list(LEVELS), output_size=7, sampling_ratio=0, canonical_scale=224 * scale,
+        canonical_level=round(math.log2(encoder.patch_size)))
+    pyramid = SimpleFeaturePyramid(encoder, setting.pyramid_channels, setting.norm_eps, setting.cls_token)
+    model = FasterRCNN(pyramid, min_size=setting.img_size, max_size=setting.img_size,
+                       image_mean=[setting.pixel_mean] * in_chans, image_std=[setting.pixel_std] * in_chans,
+                       size_divisible=encoder.patch_size, rpn_anchor_generator=anchors, box_roi_pool=roi_align,
+                       box_head=TwoMLPHead(setting.pyramid_channels * 7 * 7, setting.box_head_width),
+                       box_predictor=FastRCNNPredictor(setting.box_head_width, 2), box_detections_per_img=100,
+                       rpn_pre_nms_top_n_train=setting.pre_nms_train, rpn_pre_nms_top_n_test=setting.proposals,
+                       rpn_post_nms_top_n_train=setting.proposals, rpn_post_nms_top_n_test=setting.proposals,
+                       box_batch_size_per_image=setting.rois_per_image)
+    # FasterRCNN builds its own RPN and RoI heads: give them the box loss with the setting's beta
+    model.rpn.__class__, model.roi_heads.__class__ = BoxLossRPN, BoxLossRoIHeads
+    model.rpn.box_loss_beta = model.roi_heads.box_loss_beta = setting.box_loss_beta
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,8 +468,10 @@ def true_boxes(items: list[eval_datasets.BoxedImage], size: int) -> list[np.ndar
 def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, desc: str) -> dict:
     """AdamW with layer-wise lr decay on the sum of Faster R-CNN's four losses (RPN objectness and box, RoI class
     and box). Validation AP at iteration 0, every setting.eval_interval iterations and at the end; the best weights are
-    loaded back. Returns {best_step, best_val_ap, losses (one per iteration), validations {step: AP}}."""
-    groups = layer_decay_groups(model.backbone.vit.encoder, model, setting.weight_decay, setting.layer_decay)
+    loaded back (setting.test_weights "best"; "last" keeps the last iteration's). Returns {best_step, best_val_ap,
+    losses (one per iteration), validations {step: AP}}."""
+    groups = layer_decay_groups(model.backbone.vit.encoder, model, setting.weight_decay, setting.layer_decay,
+                                setting.decay_exempt)
     optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
     best = dict(best_step=0, best_val_ap=validate(), state=copy.deepcopy(model.state_dict()))
     validations, losses = {0: best["best_val_ap"]}, []
@@ -390,7 +493,9 @@ def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, des
             if ap > best["best_val_ap"] or math.isnan(best["best_val_ap"]):
                 best.update(best_step=step, best_val_ap=ap, state=copy.deepcopy(model.state_dict()))
             print(f"  {desc} step {step}: loss {loss.item():.4f}, validation AP {ap:.3f}", flush=True)
-    model.load_state_dict(best.pop("state"))
+    state = best.pop("state")
+    if setting.test_weights == "best":
+        model.load_state_dict(state)
     return dict(best, losses=[loss.item() for loss in losses], validations=validations)
 
 
@@ -414,16 +519,19 @@ def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tup
     began = time.time()
     in_chans = init["cfg"].in_chans
     model = build_detector(init["encoder"], setting, in_chans).to(device)
-    train_set = DetectionDataset(data["train"], setting.img_size, in_chans, (setting.min_scale, setting.max_scale))
+    train_set = DetectionDataset(data["train"], setting.img_size, in_chans,
+                                 (setting.min_scale, setting.max_scale, setting.pixel_mean))
     batch = min(setting.batch_size, len(train_set))
     batches = iter(loader(train_set, batch, setting, device, EndlessPermutations(len(train_set), setting.seed)))
     val = DetectionDataset(data["val"], setting.img_size, in_chans)
     history = fit(model, batches, setting, lambda: box_ap_metrics(predict(model, val, setting, device),
                                                               true_boxes(data["val"], setting.img_size), 0)["ap"],
                   device, f"{setting.recipe} {init['name']}")
-    save_checkpoint(run_dir(setting, init) / "best.pt", {
+    weights = run_dir(setting, init) / f"{setting.test_weights}.pt"
+    tested_step = history["best_step"] if setting.test_weights == "best" else setting.steps
+    save_checkpoint(weights, {
         "detector": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
-        "detect_config": dataclasses.asdict(setting), "init": init["label"], "step": history["best_step"]})
+        "detect_config": dataclasses.asdict(setting), "init": init["label"], "step": tested_step})
     test_predictions = predict(model, DetectionDataset(data["test"], setting.img_size, in_chans), setting, device)
     truths = true_boxes(data["test"], setting.img_size)
     test = box_ap_metrics(test_predictions, truths, setting.n_boot, setting.seed)
@@ -435,9 +543,10 @@ def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tup
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(len(item.boxes)) for item in data["train"]),
                   train_boxes=sum(len(item.boxes) for item in data["train"]), val_images=len(data["val"]),
-                  best_step=history["best_step"], val_ap=history["best_val_ap"], validations=history["validations"],
+                  best_step=history["best_step"], tested_step=tested_step, val_ap=history["best_val_ap"],
+                  validations=history["validations"],
                   first_loss=losses[0] if losses else None, last_loss=float(np.mean(losses[-5:])) if losses else None,
-                  seconds=round(time.time() - began, 1), weights=str(run_dir(setting, init) / "best.pt"), test=test)
+                  seconds=round(time.time() - began, 1), weights=str(weights), test=test)
     return result, examples
 
 

@@ -123,7 +123,7 @@ class FinetuneConfig:
                               minimum=0)
     out_dir: str = option("runs/finetune", "where metrics.json, the best weights and the ROC plots go")
     figure: str = option(None, "AUC against label fraction figure (default <out-dir>/label_efficiency.png; the "
-                         "README's copy: --figure docs/label_efficiency.png)")
+                         "copy in docs/finetuning.md: --figure docs/label_efficiency.png)")
     n_boot: int = option(1000, "bootstrap resamples for the test macro-AUC 95% interval", minimum=1)
     seed: int = option(0, "seed of the label subsets, the head initialisation and the data order", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")

@@ -16,8 +16,8 @@ nothing on a set that is mostly negative (docs/segmentation.md §7): balanced sa
 selection by the pooled Dice. Data: SIIM-ACR's train-rle.csv with images converted to PNG/JPEG anywhere under
 --root and the released split lists (whose overlap is removed from training, --keep-overlap keeps it); or the
 synthetic world, whose train-rle.csv holds the phantom's pneumothorax masks, subsampled to nested fractions.
-Results, weights and figures go under --out-dir; --figure PATH also draws the summary figure there (the README's
-copy: --figure docs/segmentation.png).
+Results, weights and figures go under --out-dir; --figure PATH also draws the summary figure there
+(docs/segmentation.md's copy: --figure docs/segmentation.png).
 """
 
 import copy
@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backbone import (
+    LAYER_IDS,
+    DECAY_EXEMPTIONS,
     ViTBackbone,
     block_indices_for,
     check_encoder_flags,
@@ -59,12 +61,15 @@ SCHEDULES = {"siim": {1: (5e-6, 1_000, 100, 50), 10: (2e-5, 5_000, 100, 50), 100
              "synthetic": {1: (3e-3, 200, 20, 50), 10: (3e-3, 400, 40, 100), 100: (3e-3, 1_000, 100, 100)}}
 SETTINGS = {
     "siim": dict(root=None, ckpt=None, scratch=False, preset="base", img_size=512, batch_size=8, head_channels=768,
-                 aux_channels=256, workers=8, sampling="uniform", dice="image", select_by="med_dice"),
+                 aux_channels=256, workers=8, sampling="uniform", dice="image", select_by="med_dice",
+                 train_pos_embed=True, head_init="mmseg"),
     # the tiny encoder's own 64-pixel input (8 x 8 patches; the pyramid's finest level is 32 x 32) and narrow heads:
-    # 128 pixels (the released 224 -> 512 doubling) costs 4x more per step than the 10-minute budget allows
+    # 128 pixels (the released 224 -> 512 doubling) costs 4x more per step than the 10-minute budget allows; the
+    # pretraining's fixed position table (no interpolation at 64 pixels) and PyTorch's initialisation of the heads,
+    # with which docs/segmentation.md's synthetic numbers were measured
     "synthetic": dict(root="data/synthetic", ckpt="runs/maco/checkpoint.pt", scratch=None, preset="tiny", img_size=64,
                       batch_size=8, head_channels=16, aux_channels=8, workers=0, sampling="balanced", dice="batch",
-                      select_by="pooled_dice"),
+                      select_by="pooled_dice", train_pos_embed=False, head_init="pytorch"),
 }
 RECIPES = {f"{data}-{pct}": dict(SETTINGS[data], data=data, label_fraction=pct / 100, lr=lr, steps=steps,
                                  warmup_steps=warmup, eval_interval=interval)
@@ -73,8 +78,14 @@ GROUPS = {data: [f"{data}-{pct}" for pct in schedule] for data, schedule in SCHE
 MASKS_CSV = "train-rle.csv"
 SAMPLINGS = ("uniform", "balanced")
 DICE_LOSSES = ("image", "batch")
+HEAD_INITS = ("mmseg", "pytorch")
+TEST_WEIGHTS = ("best", "last")
 METRIC_NAMES = {"pooled_dice": "pooled Dice", "positive_dice": "Dice, positive images", "med_dice":
                 "per-image Dice (medDice)"}
+# at each image's own resolution, as the released test.sh (mmseg --eval mDice) computes them, and ours beside them
+RELEASED_METRIC_NAMES = {"background_dice": "Dice background", "pooled_dice": "Dice foreground (pooled)",
+                         "m_dice": "mDice (mean of the two)", "positive_dice": "Dice, positive images",
+                         "med_dice": "per-image Dice (medDice)"}
 
 
 @dataclass
@@ -112,12 +123,24 @@ class SegmentConfig:
                        "synthetic)", choices=DICE_LOSSES)
     select_by: str = option(None, "validation metric that picks the best step (recipe: med_dice SIIM, as released; "
                             "pooled_dice synthetic, which an empty prediction cannot win)", choices=tuple(METRIC_NAMES))
+    train_pos_embed: bool = option(None, "train the (interpolated) position table, as the released backbone's "
+                                   "nn.Parameter; --no-train-pos-embed keeps it fixed (recipe: SIIM trained, "
+                                   "synthetic fixed)")
+    head_init: str = option(None, "initialisation of the UPerNet and FCN heads: mmseg (as released: Kaiming fan-out "
+                            "convs, classifier N(0, 0.01)) or pytorch's defaults (recipe: mmseg SIIM, pytorch "
+                            "synthetic)", choices=HEAD_INITS)
     drop_path: float = option(0.1, "stochastic depth of the last encoder block", minimum=0, below=1)
-    weight_decay: float = option(0.05, "AdamW weight decay (none on norms, biases, cls token, positions)", minimum=0)
+    weight_decay: float = option(0.05, "AdamW weight decay", minimum=0)
+    decay_exempt: str = option("norms_biases_tokens", "parameters without weight decay: " + "; ".join(
+        f"{name}: {what}" for name, what in DECAY_EXEMPTIONS.items()), choices=tuple(DECAY_EXEMPTIONS))
     layer_decay: float = option(0.65, "layer-wise lr decay: block i gets lr x decay^(depth - i)", above=0, maximum=1)
+    layer_ids: str = option("by_block", "layer ids of the lr decay: " + "; ".join(
+        f"{name}: {what}" for name, what in LAYER_IDS.items()), choices=tuple(LAYER_IDS))
+    test_weights: str = option("best", "weights tested: the best validation step's, or the last step's (as the "
+                               "released test.sh, which loads latest.pth)", choices=TEST_WEIGHTS)
     overlays: int = option(4, "test images drawn with their predicted and true masks", minimum=0)
     out_dir: str = option("runs/segment", "where metrics.json, weights and figures go")
-    figure: str = option("", "also draw the summary figure here (the README's copy: docs/segmentation.png)")
+    figure: str = option("", "also draw the summary figure here (docs/segmentation.md's copy: docs/segmentation.png)")
     redraw: bool = option(False, "train nothing: print the table and draw the figures from the results already in "
                           "--out-dir (metrics.json, examples.npz)")
     n_boot: int = option(1000, "bootstrap resamples for the 95% intervals", minimum=1)
@@ -214,12 +237,17 @@ def load_data(setting: SegmentConfig) -> dict:
     return dict(train=train, val=val, test=test, notes=notes)
 
 
+def letterbox_content(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a width x height image's content in its size x size letterboxed frame."""
+    _, left, top = eval_datasets.letterbox_geometry(width, height, size)
+    return left, top, max(1, width * size // max(width, height)), max(1, height * size // max(width, height))
+
+
 def letterbox_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """bool (H, W) -> bool (size, size) in the frame of data.resize_to_square(resize="letterbox"): the long side to
     `size`, antialiased (PIL bilinear on the 0/255 mask, then >= 128: the pixel's majority), zero padding."""
     height, width = mask.shape
-    _, left, top = eval_datasets.letterbox_geometry(width, height, size)
-    new_w, new_h = max(1, width * size // max(width, height)), max(1, height * size // max(width, height))
+    left, top, new_w, new_h = letterbox_content(width, height, size)
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((new_w, new_h), Image.Resampling.BILINEAR)
     square = np.zeros((size, size), dtype=bool)
     square[top:top + new_h, left:left + new_w] = np.asarray(resized) >= 128
@@ -369,17 +397,36 @@ class FCNHead(nn.Module):
         return self.classifier(self.dropout(self.conv(x)))  # (B, classes, h, w)
 
 
+def init_like_mmseg(head: nn.Module) -> None:
+    """mmseg 0.25's initialisation of a decode head (the released configs set no init_cfg): every ConvModule's conv
+    Kaiming-normal (fan-out, ReLU), its BatchNorm (1, 0); the classifier (conv_seg) N(0, 0.01) with bias 0."""
+    for module in head.modules():
+        if isinstance(module, nn.Conv2d) and module is not head.classifier:
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(head.classifier.weight, std=0.01)
+    nn.init.zeros_(head.classifier.bias)
+
+
 class Segmenter(nn.Module):
     """images (B, C, S, S) -> (logits (B, 2, S, S), auxiliary logits (B, 2, S, S) or None), bilinearly upsampled
     from strides p/4 and p to the input, where the loss and the metrics are computed (as mmseg does)."""
 
-    def __init__(self, encoder, head_channels: int, aux_channels: int, aux_head: bool = True, num_classes: int = 2):
+    def __init__(self, encoder, head_channels: int, aux_channels: int, aux_head: bool = True, num_classes: int = 2,
+                 head_init: str = "pytorch"):
         super().__init__()
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init {head_init!r}: expected one of {', '.join(HEAD_INITS)}")
         self.backbone = ViTBackbone(encoder, block_indices_for(len(encoder.blocks)))
         width = self.backbone.width
         self.pyramid = SimpleFeaturePyramid(width)
         self.decode_head = UPerHead(width, head_channels, num_classes)
         self.aux_head = FCNHead(width, aux_channels, num_classes) if aux_head else None
+        for head in (self.decode_head, self.aux_head):
+            if head is not None and head_init == "mmseg":
+                init_like_mmseg(head)
 
     def forward(self, images):
         size = images.shape[2:]
@@ -442,32 +489,54 @@ def segment_lr(iteration: int, peak: float, warmup_steps: int, total_steps: int)
 
 
 def build_segmenter(init: dict, setting: SegmentConfig, device) -> Segmenter:
-    """A fresh copy of the encoder, its position table interpolated to the input grid, with new pyramid and heads."""
+    """A fresh copy of the encoder, its position table interpolated to the input grid (trained or fixed), with new
+    pyramid and heads."""
     torch.manual_seed(setting.seed)
     encoder = copy.deepcopy(init["encoder"])
     encoder.set_drop_path(setting.drop_path)
     grid = setting.img_size // encoder.patch_size
-    resize_pos_embed(encoder, (grid, grid))
-    return Segmenter(encoder, setting.head_channels, setting.aux_channels, setting.aux_head).to(device)
+    resize_pos_embed(encoder, (grid, grid), trainable=setting.train_pos_embed)
+    return Segmenter(encoder, setting.head_channels, setting.aux_channels, setting.aux_head,
+                     head_init=setting.head_init).to(device)
+
+
+def counts_at_original_size(logits: torch.Tensor, item) -> tuple[np.ndarray, int]:
+    """((intersection, predicted, true) pixels, pixel count) of one image at its own size, as mmseg's whole-image
+    inference scores it: the letterboxed content of the logits (2, S, S) resized bilinearly to the image's
+    H x W, its argmax against the mask decoded at H x W."""
+    with Image.open(item.path) as image:
+        width, height = image.size
+    left, top, new_w, new_h = letterbox_content(width, height, logits.shape[-1])
+    content = logits[None, :, top:top + new_h, left:left + new_w]  # (1, 2, new_h, new_w)
+    predicted = F.interpolate(content, size=(height, width), mode="bilinear", align_corners=False)[0].argmax(0) == 1
+    truth = eval_datasets.siim_mask(item, height, width) if item.rle else np.zeros((height, width), dtype=bool)
+    return overlap_counts(predicted[None], truth[None])[0], height * width
 
 
 @torch.no_grad()
-def predict(model: Segmenter, loader, device, precision: str, keep: int = 0) -> tuple[np.ndarray, list]:
+def predict(model: Segmenter, loader, device, precision: str, keep: int = 0, items: list | None = None) -> tuple:
     """(overlap counts (N, 3) of the argmax masks, [(image (S, S), truth, prediction)] of the first `keep` images
-    with a pneumothorax) over the batches of `loader`."""
+    with a pneumothorax) over the batches of `loader`; with `items` (the loader's items, in its order) also the
+    counts (N, 3) and pixel counts (N,) at each image's own size (counts_at_original_size)."""
     was_training = model.training
     model.eval()
-    counts, kept = [], []
+    counts, kept, original = [], [], []
     for images, masks in loader:
         with autocast(device, precision):
             logits, _ = model(images.to(device, non_blocking=True))
-        predicted = logits.float().argmax(1).cpu()  # (B, S, S)
+        logits = logits.float()
+        predicted = logits.argmax(1).cpu()  # (B, S, S)
         counts.append(overlap_counts(predicted == 1, masks == 1))
+        if items is not None:
+            for image_logits in logits:
+                original.append(counts_at_original_size(image_logits, items[len(original)]))
         for image, truth, prediction in zip(images, masks, predicted):
             if len(kept) < keep and truth.any():
                 kept.append((image[0].numpy(), truth.numpy().astype(bool), prediction.numpy().astype(bool)))
     model.train(was_training)
-    return np.concatenate(counts), kept
+    if items is None:
+        return np.concatenate(counts), kept
+    return np.concatenate(counts), kept, np.stack([c for c, _ in original]), np.array([n for _, n in original])
 
 
 def loader(dataset, setting: SegmentConfig, device, sampler=None):
@@ -478,8 +547,10 @@ def loader(dataset, setting: SegmentConfig, device, sampler=None):
 def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "") -> dict:
     """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (validate():
     the Dice of setting.select_by) at step 0, every setting.eval_interval steps and at the end; the best weights are
-    loaded back at the end. Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}."""
-    groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay)
+    loaded back at the end (setting.test_weights "best"; "last" keeps the last step's). Returns {best_step,
+    best_val_dice, losses (one per step), validations {step: Dice}}."""
+    groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay,
+                                setting.decay_exempt, setting.layer_ids)
     optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
     best = dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
     validations, losses = {0: best["best_val_dice"]}, []
@@ -505,7 +576,9 @@ def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, des
                 best.update(best_step=step, best_val_dice=dice, state=copy.deepcopy(model.state_dict()))
             print(f"  {desc} step {step}: loss {loss.item():.4f}, validation {setting.select_by} {dice:.3f}",
                   flush=True)
-    model.load_state_dict(best.pop("state"))
+    state = best.pop("state")
+    if setting.test_weights == "best":
+        model.load_state_dict(state)
     return dict(best, losses=[loss.item() for loss in losses], validations=validations)
 
 
@@ -527,12 +600,15 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
     history = fit(model, batches, setting,
                   lambda: dice_scores(predict(model, val, device, setting.precision)[0])[setting.select_by],
                   device, f"{setting.recipe} {init['name']}")
-    save_checkpoint(run_dir(setting, init) / "best.pt", {
+    weights = run_dir(setting, init) / f"{setting.test_weights}.pt"
+    tested_step = history["best_step"] if setting.test_weights == "best" else setting.steps
+    save_checkpoint(weights, {
         "segmenter": model.state_dict(), "model_config": dataclasses.asdict(init["cfg"]),
-        "segment_config": dataclasses.asdict(setting), "init": init["label"], "step": history["best_step"]})
+        "segment_config": dataclasses.asdict(setting), "init": init["label"], "step": tested_step})
     test = loader(SegmentationDataset(data["test"], setting.img_size, in_chans, masks), setting, device)
-    counts, overlays = predict(model, test, device, setting.precision, keep=setting.overlays)
-    write_arrays(run_dir(setting, init) / "test_outputs.npz", dict(counts=counts))  # for paired comparisons
+    counts, overlays, original, pixels = predict(model, test, device, setting.precision, setting.overlays, data["test"])
+    write_arrays(run_dir(setting, init) / "test_outputs.npz",  # for paired comparisons
+                 dict(counts=counts, counts_original=original, pixels_original=pixels))
     # the same Dice on (up to 128) training images: the gap to the test Dice is what a test image that is also a
     # training image gains (the released lists' overlap, docs/segmentation.md §5)
     seen = loader(SegmentationDataset(data["train"][:128], setting.img_size, in_chans, masks), setting, device)
@@ -540,12 +616,14 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
     result = dict(recipe=setting.recipe, data=RECIPES[setting.recipe]["data"], label_fraction=setting.label_fraction,
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(item.rle) for item in data["train"]), val_images=len(data["val"]),
-                  best_step=history["best_step"], select_by=setting.select_by, val_dice=history["best_val_dice"],
+                  best_step=history["best_step"], tested_step=tested_step, select_by=setting.select_by,
+                  val_dice=history["best_val_dice"],
                   validations=history["validations"], first_loss=losses[0] if losses else None,
                   last_loss=float(np.mean(losses[-5:])) if losses else None, split_notes=data["notes"],
-                  seconds=round(time.time() - began, 1), weights=str(run_dir(setting, init) / "best.pt"),
+                  seconds=round(time.time() - began, 1), weights=str(weights),
                   train_subset=dice_scores(predict(model, seen, device, setting.precision)[0]),
                   test=segmentation_metrics(counts, setting.n_boot, setting.seed),
+                  test_original=segmentation_metrics(original, setting.n_boot, setting.seed, pixels=pixels),
                   # what predicting no pneumothorax anywhere scores on this test split: medDice's floor
                   empty_prediction=dice_scores(counts * [0, 0, 1]))
     if overlays:
@@ -675,6 +753,10 @@ def main(argv=None) -> int:
         with OutDirLock(cfg.out_dir, "--out-dir"):  # a second segment.py on the same folder stops at once
             summary = redraw(cfg) if cfg.redraw else run_experiment(cfg)
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
+        if all("test_original" in r for r in summary["runs"]):
+            print("\nAt each test image's own resolution, as the released test.sh (--eval mDice) scores it, with the "
+                  "positive-image and per-image Dice beside it:\n"
+                  + interval_table(summary["runs"], RELEASED_METRIC_NAMES, key="test_original"))
         empties = {r["data"]: r["empty_prediction"] for r in summary["runs"] if "empty_prediction" in r}
         for data, empty in empties.items():
             print(f"\nPredicting no pneumothorax anywhere scores, on the {data} test split: medDice "

@@ -1,6 +1,7 @@
 """backbone.py: the released feature levels at any depth, bicubic position tables on a new grid, the dense maps
 of the requested blocks (the last one equals the encoder's own output without its final norm), and the
-layer-wise learning-rate decay groups."""
+layer-wise learning-rate decay groups with the released layer ids and weight-decay exemptions; a trainable
+position table; a sequence without the cls token."""
 import pytest
 import torch
 import torch.nn as nn
@@ -41,6 +42,33 @@ def test_resize_pos_embed_keeps_the_cls_slot_and_interpolates_the_patch_table():
     # still a persistent buffer, not a parameter: it is saved with the weights, in its new shape
     assert "pos_embed" not in dict(encoder.named_parameters())
     assert encoder.state_dict()["pos_embed"].shape == (1, 129, width)
+
+
+def test_a_trainable_position_table_is_a_parameter_that_learns_under_the_same_key():
+    encoder = tiny_encoder()
+    before = encoder.pos_embed.clone()
+    resize_pos_embed(encoder, (8, 8), trainable=True)  # the same grid: only made trainable
+    assert isinstance(encoder.pos_embed, nn.Parameter) and torch.equal(encoder.pos_embed.detach(), before)
+    assert "pos_embed" in dict(encoder.named_parameters()) and "pos_embed" in encoder.state_dict()
+    ViTBackbone(encoder, (3,))(torch.randn(1, 1, 64, 64))[0].square().mean().backward()
+    assert encoder.pos_embed.grad is not None and encoder.pos_embed.grad.abs().sum() > 0
+    resize_pos_embed(encoder, (16, 8), trainable=True)  # resizing a trainable table keeps it trainable
+    assert isinstance(encoder.pos_embed, nn.Parameter) and encoder.pos_embed.shape[1] == 1 + 16 * 8
+    fixed = tiny_encoder()
+    resize_pos_embed(fixed, (16, 8))
+    fixed.load_state_dict(encoder.state_dict())  # weights save and load across the two kinds
+    assert torch.equal(fixed.pos_embed, encoder.pos_embed.detach())
+
+
+def test_without_the_cls_token_the_maps_ignore_it():
+    encoder = tiny_encoder()
+    images = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        with_cls, without = ViTBackbone(encoder, (3,))(images)[0], ViTBackbone(encoder, (3,), cls_token=False)(images)[0]
+        encoder.cls_token.add_(1.0)
+        assert torch.equal(ViTBackbone(encoder, (3,), cls_token=False)(images)[0], without)
+        assert not torch.allclose(ViTBackbone(encoder, (3,))(images)[0], with_cls)  # the cls token is attended to
+    assert without.shape == with_cls.shape == (2, 192, 8, 8)
 
 
 def test_resize_pos_embed_to_the_same_grid_changes_nothing():
@@ -114,3 +142,30 @@ def test_layer_decay_groups_take_the_whole_model_as_others_without_duplicates():
     assert len(placed) == len(set(placed)) == len(list(model.parameters()))
     of = {name: group for group in groups for name in group["names"]}
     assert of["encoder.blocks.1.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.65 ** 3)
+
+
+def test_the_released_mmseg_layer_ids_leave_every_block_undecayed():
+    encoder = tiny_encoder()  # depth 4: stock mmseg's num_layers = 4 + 2, patch embedding 0.65^(6 - 0 - 1)
+    of = {name: group for group in layer_decay_groups(encoder, nn.Linear(2, 2), 0.05, 0.65, layer_ids="released_mmseg")
+          for name in group["names"]}
+    assert of["encoder.blocks.0.attn.qkv.weight"]["lr_scale"] == of["encoder.blocks.3.mlp.fc2.weight"]["lr_scale"] == 1.0
+    assert of["encoder.patch_embed.proj.weight"]["lr_scale"] == of["encoder.cls_token"]["lr_scale"] == pytest.approx(
+        0.65 ** 5)
+
+
+def test_the_three_weight_decay_exemption_rules():
+    encoder = tiny_encoder()
+    resize_pos_embed(encoder, (8, 8), trainable=True)
+    head = nn.Sequential(nn.Conv2d(192, 8, 1), nn.LayerNorm(8))  # a head's LayerNorm (ViTDet's pyramid "LN")
+
+    def exempt(rule):
+        return {name for group in layer_decay_groups(encoder, head, 0.05, 0.65, decay_exempt=rule)
+                for name in group["names"] if group["weight_decay"] == 0.0}
+    ours, mmseg, vitdet = (exempt(rule) for rule in ("norms_biases_tokens", "released_mmseg", "released_vitdet"))
+    assert ours - mmseg == {"encoder.cls_token", "encoder.pos_embed"}  # the released check never matched them
+    assert mmseg - ours == set()
+    encoder_norms = {f"encoder.{n}" for n, _ in encoder.named_parameters() if "norm" in n}
+    assert vitdet == encoder_norms | {"encoder.pos_embed"}  # biases, cls token and the head's LayerNorm decayed
+    assert {"others.0.bias", "others.1.weight", "encoder.blocks.0.attn.qkv.bias"} <= ours - vitdet
+    with pytest.raises(ValueError, match="decay_exempt 'none'"):
+        layer_decay_groups(encoder, head, 0.05, 0.65, decay_exempt="none")

@@ -1,7 +1,7 @@
 """detect.py: the feature pyramid's levels, COCO box AP on hand-made cases with known answers (and against
 pycocotools when it is installed), stage_2_train_labels.csv as downloaded, the patientId hash split, the schedule
-and the scale jitter, clear errors or counted skips for bad input; slow: a short run lowers the loss, and the whole
-script end to end."""
+and the scale jitter, clear errors or counted skips for bad input, the RSNA recipes pinned to the released config,
+detectron2's aligned RoIAlign and L1 box loss; slow: a short run lowers the loss, and the whole script end to end."""
 import json
 
 import numpy as np
@@ -35,6 +35,11 @@ def make_rsna(root, size=64) -> None:
     write_text(root / "stage_2_train_images" / f"{IDS[-1]}.dcm", "DICM")
 
 
+def synthetic_run(**settings) -> dt.DetectConfig:
+    """A DetectConfig with the synthetic recipe's model settings, then `settings`."""
+    return dt.DetectConfig(**dict(dt.SETTINGS["synthetic"], **settings))
+
+
 def error_of(argv, capsys) -> str:
     assert dt.main(argv) == 2
     return capsys.readouterr().err
@@ -46,8 +51,8 @@ def error_of(argv, capsys) -> str:
 def test_pyramid_levels_are_4x_2x_1x_half_and_quarter_of_the_patch_grid(preset, size, channels):
     torch.manual_seed(0)
     cfg = MaCoConfig.preset(preset)
-    run = dt.DetectConfig(recipe="synthetic-1", img_size=size, pyramid_channels=channels, box_head_width=32,
-                          proposals=50, rois_per_image=16)
+    run = synthetic_run(recipe="synthetic-1", img_size=size, pyramid_channels=channels, box_head_width=32,
+                        proposals=50, rois_per_image=16)
     detector = dt.build_detector(new_encoder(cfg), run, cfg.in_chans).eval()
     with torch.no_grad():
         maps = detector.backbone(torch.randn(1, cfg.in_chans, size, size))
@@ -61,8 +66,8 @@ def test_pyramid_levels_are_4x_2x_1x_half_and_quarter_of_the_patch_grid(preset, 
 
 def test_anchors_and_the_detector_transform_follow_the_input_size():
     cfg = MaCoConfig.preset("tiny")
-    run = dt.DetectConfig(recipe="synthetic-1", img_size=64, pyramid_channels=8, box_head_width=16, proposals=20,
-                          rois_per_image=8)
+    run = synthetic_run(recipe="synthetic-1", img_size=64, pyramid_channels=8, box_head_width=16, proposals=20,
+                        rois_per_image=8)
     detector = dt.build_detector(new_encoder(cfg), run, 1)
     assert detector.rpn.anchor_generator.sizes == ((2.0,), (4.0,), (8.0,), (16.0,), (32.0,))  # 32..512 x 64/1024
     transform = detector.transform
@@ -71,6 +76,79 @@ def test_anchors_and_the_detector_transform_follow_the_input_size():
     image = torch.rand(1, 64, 64)
     batched, _ = transform([image])
     assert torch.allclose(batched.tensors[0], (image - 0.4978) / 0.2449, atol=1e-6)  # normalised, not resized
+
+
+def test_the_aligned_roi_align_is_torchvisions_on_boxes_shifted_half_a_feature_pixel():
+    torch.manual_seed(0)
+    features = {name: torch.randn(2, 3, 16 >> k, 16 >> k) for k, name in enumerate(dt.LEVELS)}  # strides 4..32 of 64
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 28.0], [10.0, 12.0, 22.0, 40.0]]), torch.tensor([[0.0, 0.0, 20.0, 24.0]])]
+    common = dict(featmap_names=list(dt.LEVELS), output_size=7, sampling_ratio=2, canonical_scale=224, canonical_level=4)
+    aligned = dt.AlignedRoIAlign(**common)(features, boxes, [(64, 64)] * 2)
+    # a 20-30 pixel box maps to the finest level (stride 4): aligned=True samples where aligned=False would with
+    # the box moved by -0.5 feature pixels = -2 image pixels
+    plain = dt.MultiScaleRoIAlign(**common)(features, [b - 2.0 for b in boxes], [(64, 64)] * 2)
+    assert aligned.shape == (3, 3, 7, 7) and torch.allclose(aligned, plain, atol=1e-6)
+
+
+def test_the_box_loss_beta_gives_torchvisions_loss_at_one_ninth_and_l1_at_zero():
+    cfg = MaCoConfig.preset("tiny")
+    images = [torch.rand(1, 64, 64) for _ in range(2)]
+    targets = [dict(boxes=torch.tensor([[8.0, 20.0, 28.0, 36.0]]), labels=torch.tensor([1])) for _ in images]
+
+    def losses(beta, torchvision_heads=False):
+        torch.manual_seed(0)
+        run = synthetic_run(recipe="synthetic-1", pyramid_channels=8, box_head_width=16, box_loss_beta=beta)
+        detector = dt.build_detector(new_encoder(cfg), run, 1).train()
+        if torchvision_heads:
+            detector.rpn.__class__ = dt.RegionProposalNetwork
+            detector.roi_heads.__class__ = dt.RoIHeads
+        torch.manual_seed(1)  # the same anchor and RoI samples
+        return {k: v.item() for k, v in detector(images, targets).items()}
+    ninth, zero, reference = losses(1 / 9), losses(0.0), losses(1 / 9, torchvision_heads=True)
+    assert ninth == reference
+    assert zero["loss_classifier"] == ninth["loss_classifier"]
+    for name in ("loss_box_reg", "loss_rpn_box_reg"):  # L1 >= smooth L1 (beta 1/9) elementwise
+        assert zero[name] > ninth[name] > 0
+
+
+def test_the_rsna_recipe_runs_on_a_tiny_copy(tmp_path, capsys):
+    make_rsna(tmp_path)  # positives: ids 0, 3, 6 and 9
+    lists = tmp_path / "DatasetsSplits" / "RSNA_Pneumonia"
+    for name, ids in (("train_list", IDS[:6]), ("val_list", IDS[6:9]), ("test_list", IDS[9:11])):
+        write_text(lists / f"{name}.txt", "".join(f"stage_2_train_images/{i}.dcm 0 \n" for i in ids))
+    out = tmp_path / "out"
+    assert dt.main(["--recipe", "rsna-100", "--root", str(tmp_path), "--split-dir", str(tmp_path / "DatasetsSplits"),
+                    "--scratch", "--preset", "tiny", "--img-size", "64",
+                    "--steps", "2", "--eval-interval", "1", "--batch-size", "2", "--pyramid-channels", "8",
+                    "--box-head-width", "16", "--proposals", "20", "--pre-nms-train", "40", "--rois-per-image", "8",
+                    "--workers", "0", "--n-boot", "10", "--examples", "0", "--out-dir", str(out)]) == 0
+    (run,) = json.loads((out / "metrics.json").read_text())["runs"]
+    assert run["tested_step"] == run["best_step"] and run["weights"].endswith("best.pt")
+    weights = torch.load(run["weights"], weights_only=False)
+    assert weights["detect_config"]["decay_exempt"] == "released_vitdet" and weights["detect_config"]["box_loss_beta"] == 0
+    assert "backbone.vit.encoder.pos_embed" in weights["detector"]
+
+
+# The RSNA recipes as the released ViTDet config (mask_rcnn_vitdet_b_50ep_maco.py) and detectron2's defaults give
+# them (docs/detection.md §2 cites each): a change to a synthetic recipe must not move them
+RELEASED_RSNA = {"rsna-1": dict(lr=5e-4, label_fraction=0.01), "rsna-10": dict(lr=5e-4, label_fraction=0.1),
+                 "rsna-100": dict(lr=3e-4, label_fraction=1.0)}
+RELEASED_RSNA_ALL = dict(
+    steps=5_600, warmup_steps=250, eval_interval=560, preset="base", img_size=1024, batch_size=32, pyramid_channels=256,
+    box_head_width=1024, proposals=1000, pre_nms_train=2000, rois_per_image=512, pixel_mean=125.281 / 255,
+    pixel_std=63.929 / 255, roi_align_aligned=True, box_loss_beta=0.0, norm_eps=1e-6, cls_token=False,
+    train_pos_embed=True, decay_exempt="released_vitdet")
+RELEASED_RSNA_FLAGS = dict(min_scale=0.8, max_scale=1.2, drop_path=0.1, weight_decay=0.05, layer_decay=0.7,
+                           train_negatives=False, test_weights="best")
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_RSNA))
+def test_the_rsna_recipes_are_pinned(name, tmp_path):
+    run = dt.resolve(dt.DetectConfig(recipe=name, root=str(tmp_path), scratch=True))[0]
+    expected = dict(RELEASED_RSNA[name], **RELEASED_RSNA_ALL, **RELEASED_RSNA_FLAGS)
+    assert {key: getattr(run, key) for key in expected} == expected
+    assert set(dt.RECIPES[name]) - {"data", "root", "ckpt", "scratch", "workers"} == set(RELEASED_RSNA[name]) | set(
+        RELEASED_RSNA_ALL)  # every recipe value is pinned
 
 
 # -- COCO box AP ----------------------------------------------------------------------------------------------------
@@ -252,8 +330,9 @@ def test_the_synthetic_world_writes_consolidation_boxes_for_every_split(syntheti
 def test_a_short_run_lowers_the_loss():
     torch.manual_seed(0)
     cfg = MaCoConfig.preset("tiny")
-    run = dt.DetectConfig(img_size=64, pyramid_channels=16, box_head_width=32, proposals=50, rois_per_image=32,
-                          lr=1e-3, steps=12, warmup_steps=2, eval_interval=100, drop_path=0.0, precision="fp32")
+    run = synthetic_run(img_size=64, pyramid_channels=16, box_head_width=32, proposals=50, pre_nms_train=50,
+                        rois_per_image=32, lr=1e-3, steps=12, warmup_steps=2, eval_interval=100, drop_path=0.0,
+                        precision="fp32")
     detector = dt.build_detector(new_encoder(cfg), run, 1)
     images = [torch.rand(1, 64, 64) for _ in range(4)]
     for image in images:

@@ -1,7 +1,9 @@
 """segment.py: masks from train-rle.csv (round trip, union of regions, letterbox), the released split lists'
 overlap, the pyramid and head shapes, the released focal and Dice losses and the Dice metrics against hand-computed
 values, the Dice over the batch and balanced sampling, the schedule, the synthetic world's masks, clear errors for
-bad input; a short run lowers the loss; slow: the whole script end to end, the diagnosis tool."""
+bad input; a short run lowers the loss; the SIIM recipes pinned to the released configs, the heads' mmseg
+initialisation, the Dice at each image's own size as the released test.sh computes it; slow: the whole script end
+to end, the diagnosis tool."""
 import dataclasses
 import itertools
 import json
@@ -149,7 +151,8 @@ def test_siim_as_downloaded_loads_the_released_lists_without_the_overlap(tmp_pat
 def test_pyramid_and_head_shapes(preset, size, channels):
     torch.manual_seed(0)
     cfg = MaCoConfig.preset(preset)
-    run = sg.SegmentConfig(img_size=size, head_channels=channels, aux_channels=8)
+    run = sg.SegmentConfig(img_size=size, head_channels=channels, aux_channels=8, head_init="pytorch",
+                           train_pos_embed=False)
     model = sg.build_segmenter(dict(encoder=new_encoder(cfg), cfg=cfg), run, torch.device("cpu"))
     assert model.backbone.block_indices == {"tiny": (0, 1, 2, 3), "base": (3, 5, 7, 11)}[preset]
     images = torch.randn(2, cfg.in_chans, size, size)
@@ -260,7 +263,8 @@ def test_a_short_run_lowers_the_loss():
     torch.manual_seed(0)
     cfg = MaCoConfig.preset("tiny")
     run = sg.SegmentConfig(img_size=64, head_channels=16, aux_channels=8, lr=1e-3, steps=10, warmup_steps=2,
-                           eval_interval=100, drop_path=0.0, precision="fp32", dice="image", select_by="pooled_dice")
+                           eval_interval=100, drop_path=0.0, precision="fp32", dice="image", select_by="pooled_dice",
+                           head_init="pytorch", train_pos_embed=False)
     model = sg.build_segmenter(dict(encoder=new_encoder(cfg), cfg=cfg), run, torch.device("cpu"))
     images = torch.randn(2, 1, 64, 64)
     masks = torch.zeros(2, 64, 64, dtype=torch.int64)
@@ -268,6 +272,111 @@ def test_a_short_run_lowers_the_loss():
     history = sg.fit(model, iter(lambda: (images, masks), None), run, lambda: 0.0, torch.device("cpu"))
     assert len(history["losses"]) == 10 and history["validations"] == {0: 0.0, 10: 0.0}
     assert np.mean(history["losses"][-3:]) < 0.85 * np.mean(history["losses"][:3])
+
+
+def test_the_last_steps_weights_are_tested_on_request():
+    cfg = MaCoConfig.preset("tiny")
+    images, masks = torch.randn(2, 1, 64, 64), torch.zeros(2, 64, 64, dtype=torch.int64)
+    states = {}
+    for test_weights in sg.TEST_WEIGHTS:  # validation falls after step 0: "best" goes back to the initial weights
+        torch.manual_seed(0)
+        run = sg.SegmentConfig(img_size=64, head_channels=16, aux_channels=8, lr=1e-3, steps=3, warmup_steps=1,
+                               eval_interval=1, precision="fp32", dice="batch", select_by="pooled_dice",
+                               head_init="pytorch", train_pos_embed=True, test_weights=test_weights)
+        model = sg.build_segmenter(dict(encoder=new_encoder(cfg), cfg=cfg), run, torch.device("cpu"))
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        scores = iter([1.0, 0.5, 0.4, 0.3])
+        history = sg.fit(model, iter(lambda: (images, masks), None), run, lambda: next(scores), torch.device("cpu"))
+        assert history["best_step"] == 0
+        states[test_weights] = all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+        assert not torch.equal(model.backbone.encoder.pos_embed, initial["backbone.encoder.pos_embed"]) or \
+            test_weights == "best"  # a trainable position table moves
+    assert states == {"best": True, "last": False}
+
+
+def test_the_mmseg_head_initialisation():
+    torch.manual_seed(0)
+    head = sg.UPerHead(192, 64)
+    sg.init_like_mmseg(head)
+    assert head.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert torch.equal(head.classifier.bias, torch.zeros(2))
+    conv = head.fpn_bottleneck[0]  # a 3x3 conv from 4 x 64 to 64 channels: Kaiming fan-out std sqrt(2 / (64 * 9))
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
+    assert torch.equal(head.fpn_bottleneck[1].weight, torch.ones(64))
+    cfg = MaCoConfig.preset("tiny")
+    torch.manual_seed(0)
+    stds = {}
+    for head_init in sg.HEAD_INITS:  # both heads, by the flag: 16 weights of std 0.01 against PyTorch's ~0.2
+        run = sg.SegmentConfig(img_size=64, head_channels=16, aux_channels=8, head_init=head_init, train_pos_embed=False)
+        model = sg.build_segmenter(dict(encoder=new_encoder(cfg), cfg=cfg), run, torch.device("cpu"))
+        stds[head_init] = [head.classifier.weight.std().item() for head in (model.decode_head, model.aux_head)]
+    assert max(stds["mmseg"]) < 0.03 < 0.1 < min(stds["pytorch"])
+
+
+def test_counts_at_an_images_own_size_undo_the_letterbox(tmp_path):
+    path = tmp_path / "a.png"  # 40 wide, 20 high: at 20 pixels the content is rows 5..14, 20 columns
+    Image.fromarray(np.zeros((20, 40), np.uint8)).save(path)
+    truth = np.zeros((20, 40), bool)
+    truth[0:10, 0:20] = True  # the top-left quarter
+    item = eval_datasets.LabelledImage(str(path), None, rle=[eval_datasets.rle_encode(truth)])
+    logits = torch.zeros(2, 20, 20)
+    logits[1] = -1.0
+    logits[1, 5:10, 0:20] = 1.0  # foreground over the content's top half: the image's top half at its own size
+    counts, pixels = sg.counts_at_original_size(logits, item)
+    assert pixels == 800 and counts.tolist() == [200, 400, 200]
+    empty = eval_datasets.LabelledImage(str(path), None, rle=[])
+    assert sg.counts_at_original_size(torch.zeros(2, 20, 20), empty)[0].tolist() == [0, 0, 0]
+
+
+def test_the_released_per_class_dice_against_hand_computed_values():
+    counts, pixels = np.array([[200, 400, 200], [0, 0, 0]]), np.array([800, 800])
+    scores = mt.dice_scores(counts, pixels)
+    # foreground 2*200 / (400 + 200); background: 1600 - 400 - 200 + 200 = 1200 shared, of 1200 and 1400 pixels
+    assert scores["pooled_dice"] == pytest.approx(2 / 3) and scores["background_dice"] == pytest.approx(2400 / 2600)
+    assert scores["m_dice"] == pytest.approx((2 / 3 + 2400 / 2600) / 2)
+    metrics = mt.segmentation_metrics(counts, n_boot=20, pixels=pixels)
+    assert metrics["m_dice_ci95"][0] <= metrics["m_dice"] <= metrics["m_dice_ci95"][1]
+
+
+# The SIIM recipes as the released configs give them (docs/segmentation.md §3 cites each file): a change to a
+# synthetic recipe must not move them
+RELEASED_SIIM = {
+    "siim-1": dict(lr=5e-6, steps=1_000, warmup_steps=100, eval_interval=50, label_fraction=0.01),
+    "siim-10": dict(lr=2e-5, steps=5_000, warmup_steps=100, eval_interval=50, label_fraction=0.1),
+    "siim-100": dict(lr=1.5e-5, steps=160_000, warmup_steps=1_500, eval_interval=500, label_fraction=1.0),
+}
+RELEASED_SIIM_ALL = dict(preset="base", img_size=512, batch_size=8, head_channels=768, aux_channels=256,
+                         sampling="uniform", dice="image", select_by="med_dice", train_pos_embed=True, head_init="mmseg")
+RELEASED_SIIM_FLAGS = dict(drop_path=0.1, weight_decay=0.05, layer_decay=0.65, aux_head=True,
+                           decay_exempt="norms_biases_tokens", layer_ids="by_block", test_weights="best")
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_SIIM))
+def test_the_siim_recipes_are_pinned(name, tmp_path):
+    run = sg.resolve(sg.SegmentConfig(recipe=name, root=str(tmp_path), split_dir=str(tmp_path), scratch=True))[0]
+    expected = dict(RELEASED_SIIM[name], **RELEASED_SIIM_ALL, **RELEASED_SIIM_FLAGS)
+    assert {key: getattr(run, key) for key in expected} == expected
+    assert set(sg.RECIPES[name]) - {"data", "root", "ckpt", "scratch", "workers"} == set(RELEASED_SIIM[name]) | set(
+        RELEASED_SIIM_ALL)  # every recipe value is pinned
+
+
+def test_the_siim_recipe_runs_on_a_tiny_copy_and_scores_at_the_images_own_size(tmp_path, capsys):
+    make_siim_world(tmp_path, size=48)  # 48-pixel images, a 32-pixel input: the metric undoes the resize
+    out = tmp_path / "out"
+    assert sg.main(["--recipe", "siim-1", "--root", str(tmp_path), "--split-dir", str(tmp_path / "DatasetsSplits"),
+                    "--scratch", "--preset", "tiny", "--img-size", "32", "--steps", "2", "--eval-interval", "1",
+                    "--batch-size", "2", "--head-channels", "8", "--aux-channels", "4", "--workers", "0",
+                    "--n-boot", "10", "--overlays", "0", "--test-weights", "last", "--out-dir", str(out)]) == 0
+    assert "as the released test.sh (--eval mDice) scores it" in capsys.readouterr().out
+    (run,) = json.loads((out / "metrics.json").read_text())["runs"]
+    assert run["tested_step"] == 2 and run["weights"].endswith("last.pt")
+    original = run["test_original"]
+    assert original["m_dice"] == pytest.approx((original["background_dice"] + original["pooled_dice"]) / 2)
+    arrays = sg.read_arrays(out / "siim-1" / "scratch" / "test_outputs.npz")
+    assert arrays["pixels_original"].tolist() == [48 * 48] * 3
+    assert arrays["counts_original"][:, 2].tolist() == [20, 0, 0]  # test ids 5, 6, 7: image 5's 10 x 2 mask
+    weights = torch.load(run["weights"], weights_only=False)["segmenter"]
+    assert weights["backbone.encoder.pos_embed"].shape == (1, 1 + 4 * 4, 192)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------

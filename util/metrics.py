@@ -147,26 +147,34 @@ def per_image_dice(counts) -> np.ndarray:
     return np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
 
 
-def dice_scores(counts) -> dict:
-    """med_dice: the released per-image Dice averaged over all images; pooled_dice: one Dice of all pixels of all
-    images (what the released test.sh prints); positive_dice: the per-image Dice over images with a non-empty
-    truth (NaN if none)."""
+def dice_scores(counts, pixels=None) -> dict:
+    """med_dice: the released per-image Dice averaged over all images (the validation metric of the released
+    configs); pooled_dice: one Dice of all pixels of all images (the foreground Dice the released test.sh prints);
+    positive_dice: the per-image Dice over images with a non-empty truth (NaN if none). With `pixels` (N,), each
+    image's pixel count: also background_dice (the same pooled Dice of the background class) and m_dice, the mean
+    of the two classes' Dice (test.sh's mDice)."""
     counts = np.asarray(counts, np.int64).reshape(-1, 3)
     dice = per_image_dice(counts)
     inter, pred, true = counts.sum(axis=0)
     positive = counts[:, 2] > 0
-    return dict(med_dice=float(dice.mean()) if len(dice) else float("nan"),
-                pooled_dice=float(2 * inter / (pred + true)) if pred + true else 1.0,
-                positive_dice=float(dice[positive].mean()) if positive.any() else float("nan"))
+    scores = dict(med_dice=float(dice.mean()) if len(dice) else float("nan"),
+                  pooled_dice=float(2 * inter / (pred + true)) if pred + true else 1.0,
+                  positive_dice=float(dice[positive].mean()) if positive.any() else float("nan"))
+    if pixels is not None:
+        total = int(np.sum(pixels))  # background: what is neither predicted nor true, from the same counts
+        scores["background_dice"] = float(2 * (total - pred - true + inter) / (2 * total - pred - true))
+        scores["m_dice"] = (scores["background_dice"] + scores["pooled_dice"]) / 2
+    return scores
 
 
-def segmentation_metrics(counts, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """dice_scores of the (N, 3) counts, each with a percentile bootstrap interval (images resampled with
-    replacement, seeded), and the numbers of images and positive images."""
+def segmentation_metrics(counts, n_boot: int = 1000, seed: int = 0, level: float = 0.95, pixels=None) -> dict:
+    """dice_scores of the (N, 3) counts (and `pixels` (N,)), each with a percentile bootstrap interval (images
+    resampled with replacement, seeded), and the numbers of images and positive images."""
     counts = np.asarray(counts, np.int64).reshape(-1, 3)
-    scores = dice_scores(counts)
+    scores = dice_scores(counts, pixels)
     rng = np.random.default_rng(seed)
-    resampled = [dice_scores(counts[rng.integers(0, len(counts), len(counts))]) for _ in range(n_boot)]
+    draws = [rng.integers(0, len(counts), len(counts)) for _ in range(n_boot)]
+    resampled = [dice_scores(counts[rows], None if pixels is None else np.asarray(pixels)[rows]) for rows in draws]
     for name in list(scores):
         scores[f"{name}_ci95"] = percentile_interval([r[name] for r in resampled], level)
     return dict(scores, n_images=len(counts), n_positive=int((counts[:, 2] > 0).sum()))
@@ -320,9 +328,9 @@ def pointing_game(heatmap, box_mask) -> float:
     return float(inside[heat == heat.max()].any())
 
 
-def interval_table(results: list[dict], metric_names: dict[str, str]) -> str:
+def interval_table(results: list[dict], metric_names: dict[str, str], key: str = "test") -> str:
     """Test metrics (%) with their bootstrap 95% intervals, as segment.py and detect.py print them: a block per metric
-    (`metric_names`: key in each result's "test" dict -> title), a row per initialisation, a column per (data set,
+    (`metric_names`: key in each result's `key` dict -> title), a row per initialisation, a column per (data set,
     label fraction)."""
     columns = sorted({(r["data"], r["label_fraction"]) for r in results})
     labels = list(dict.fromkeys(r["init_label"] for r in results))
@@ -331,7 +339,7 @@ def interval_table(results: list[dict], metric_names: dict[str, str]) -> str:
     for metric, title in metric_names.items():
         rows = [f"{title + ' (%)':<{width}}" + "".join(f"{f'{data} {100 * f:g}%':>22}" for data, f in columns)]
         for label in labels:
-            cells = {(r["data"], r["label_fraction"]): r["test"] for r in results if r["init_label"] == label}
+            cells = {(r["data"], r["label_fraction"]): r[key] for r in results if r["init_label"] == label}
             rows.append(f"{label:<{width}}" + "".join(
                 f"{100 * cells[c][metric]:.1f} [{100 * cells[c][metric + '_ci95'][0]:.1f}, "
                 f"{100 * cells[c][metric + '_ci95'][1]:.1f}]".rjust(22) if c in cells else f"{'-':>22}"
