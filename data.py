@@ -25,10 +25,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
-from tqdm import tqdm
 
 from util.checkpoint import WriteError, read_json, write_atomic
 from util.cli import check_options, option, run_script
+from util.progress import Progress
 from util.run_guard import OutDirLock
 from util.tokenizer import encode_texts
 
@@ -545,9 +545,10 @@ def create_image_store(path: Path, shape: tuple) -> None:
         raise WriteError.of(path, error) from None
 
 
-def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0) -> Path:
+def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0,
+                progress_interval: float = 30.0) -> Path:
     """Resize each image of `dataset` once, at its image_size and resize mode, into `out`; resumable, memory
-    bounded by a few chunks.
+    bounded by a few chunks. Progress: a bar on a terminal, else a line every `progress_interval` seconds.
 
     Files: ids.txt (image ids, row order), images.npy (uint8 (N, S, S) memory map), status.npy (per row:
     0 pending, 1 cached, 2 unreadable), meta.json (written last at creation: the store is complete), and
@@ -576,7 +577,7 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
     paths = [path for _, path, _ in dataset.items]
     loader = DataLoader(range(done, len(ids)), batch_size=chunk_size, num_workers=workers,
                         collate_fn=functools.partial(_load_chunk, paths=paths, size=size, resize=resize))
-    with tqdm(total=len(ids), initial=done, unit="img", desc=f"cache {out}") as progress:
+    with Progress(len(ids), f"cache {out}", initial=done, interval=progress_interval, unit="img") as progress:
         for chunk in loader:
             for index, pixels in chunk:
                 if pixels is not None:
@@ -605,6 +606,8 @@ class CacheConfig:
     resize: str = option("letterbox", "letterbox (pad) or crop", choices=RESIZE_MODES)
     chunk_size: int = option(256, "images per flushed chunk", minimum=1)
     workers: int = option(2, "image decoding processes", minimum=0)
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                            "terminal gets a bar)", minimum=0)
 
     def __post_init__(self):
         check_options(self)
@@ -617,7 +620,7 @@ def cache_command(config: CacheConfig) -> None:
         dataset = OpenI(config.root, image_size=config.size, resize=config.resize)
     out = config.out or Path(config.root) / f"cache-{config.size}"
     with OutDirLock(out, "cache folder (pass --out to put it elsewhere)"):
-        build_cache(dataset, out, config.chunk_size, config.workers)
+        build_cache(dataset, out, config.chunk_size, config.workers, config.progress_interval)
 
 
 def main(argv=None) -> int:

@@ -53,11 +53,13 @@ from data import IMAGE_MEAN, IMAGE_STD, check_root, read_csv, resize_to_square
 from finetune import EndlessPermutations, label_subset
 from maco import PRESETS
 from util import eval_datasets
-from util.checkpoint import save_checkpoint, write_arrays, write_atomic, write_json
+from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import box_ap_metrics, interval_table
-from util.run_guard import OutDirLock
+from util.progress import Progress
+from util.resume import ResumableRun, Skip, check_settings, continue_command, restore
+from util.run_guard import OutDirLock, StopSignals
 
 # (peak lr, iterations, warm-up iterations, validation interval) per percentage of the training images: the released
 # ViTDet config (5e-4 at 1% and 10%, 3e-4 at 100%; 5,600 iterations; validation every 560, as its eval_period);
@@ -155,7 +157,13 @@ class DetectConfig:
     train_negatives: bool = option(False, "also train on the images without pneumonia (released: positives only, "
                                    "docs/detection.md)")
     examples: int = option(4, "test images drawn with their true and predicted boxes", minimum=0)
-    out_dir: str = option("runs/detect", "where metrics.json, weights and the figure go")
+    out_dir: str = option("runs/detect", "where metrics.json, weights and the figure go; rerunning the same command on "
+                          "the same folder continues its table (finished runs are kept, an interrupted one resumes)")
+    fresh: bool = option(False, "start the table in --out-dir over instead of continuing it")
+    state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
+                                 "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                      "terminal gets a bar)", minimum=0)
     figure: str = option("", "also draw the figure here (docs/detection.md's copy: docs/detection.png)")
     n_boot: int = option(1000, "bootstrap resamples for the 95% intervals", minimum=1)
     seed: int = option(0, "seed of the training subsets, the new layers and the data order", minimum=0)
@@ -465,18 +473,24 @@ def true_boxes(items: list[eval_datasets.BoxedImage], size: int) -> list[np.ndar
     return [letterboxed_boxes(item, size).numpy() for item in items]
 
 
-def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, desc: str) -> dict:
+def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, desc: str,
+        run: ResumableRun | None = None, state: dict | None = None) -> dict:
     """AdamW with layer-wise lr decay on the sum of Faster R-CNN's four losses (RPN objectness and box, RoI class
     and box). Validation AP at iteration 0, every setting.eval_interval iterations and at the end; the best weights are
-    loaded back (setting.test_weights "best"; "last" keeps the last iteration's). Returns {best_step, best_val_ap,
-    losses (one per iteration), validations {step: AP}}."""
+    loaded back (setting.test_weights "best"; "last" keeps the last iteration's). `run`: writes the resumable state
+    after the iterations it says; `state`: an interrupted run's, to continue from (`batches` must continue where it
+    stopped). Returns {best_step, best_val_ap, losses (one per iteration), validations {step: AP}}."""
     groups = layer_decay_groups(model.backbone.vit.encoder, model, setting.weight_decay, setting.layer_decay,
                                 setting.decay_exempt)
     optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
-    best = dict(best_step=0, best_val_ap=validate(), state=copy.deepcopy(model.state_dict()))
-    validations, losses = {0: best["best_val_ap"]}, []
+    if state is not None:
+        start, best, validations, losses = restore(state, model, optimizer)
+    else:
+        start, best = 0, dict(best_step=0, best_val_ap=validate(), state=copy.deepcopy(model.state_dict()))
+        validations, losses = {0: best["best_val_ap"]}, []
+    progress = Progress(setting.steps, desc, start, setting.progress_interval)
     model.train()
-    for step in range(1, setting.steps + 1):
+    for step in range(start + 1, setting.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = setting.lr * lr_factor(step - 1, setting.warmup_steps, setting.steps) * group["lr_scale"]
         images, targets = next(batches)
@@ -487,16 +501,21 @@ def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, des
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())
+        losses.append(loss.item())
         if step % setting.eval_interval == 0 or step == setting.steps:
             validations[step] = ap = validate()
             if ap > best["best_val_ap"] or math.isnan(best["best_val_ap"]):
                 best.update(best_step=step, best_val_ap=ap, state=copy.deepcopy(model.state_dict()))
-            print(f"  {desc} step {step}: loss {loss.item():.4f}, validation AP {ap:.3f}", flush=True)
-    state = best.pop("state")
+            progress.update(0, **{"val AP": f"{ap:.3f}"})
+        progress.update(loss=f"{losses[-1]:.4f}")
+        if run is not None:
+            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                              best=best, validations=validations, losses=losses))
+    progress.close()
+    weights = best.pop("state")
     if setting.test_weights == "best":
-        model.load_state_dict(state)
-    return dict(best, losses=[loss.item() for loss in losses], validations=validations)
+        model.load_state_dict(weights)
+    return dict(best, losses=losses, validations=validations)
 
 
 def run_dir(setting: DetectConfig, init: dict) -> Path:
@@ -514,19 +533,37 @@ def flat_boxes(predictions: list, truths: list) -> dict[str, np.ndarray]:
                 n_images=np.array(len(truths)))
 
 
-def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tuple[dict, list]:
-    """Fine-tune on the training subset, pick the best validation step, test it; returns (result, examples)."""
+def shown_examples(items: list, truths: list, predictions: list, count: int) -> list:
+    """The figure's first `count` test images: [(item, true boxes (K, 4), boxes (N, 4), scores (N,))]."""
+    return [(item, truth, *found) for item, truth, found in zip(items, truths, predictions)][:count]
+
+
+def examples_of_finished_run(folder: Path, items: list, size: int, count: int) -> list:
+    """shown_examples of a run that finished earlier, from the test predictions it saved (test_outputs.npz)."""
+    arrays = read_arrays(folder / "test_outputs.npz")
+    predictions = [(arrays["boxes"][arrays["box_image"] == i], arrays["scores"][arrays["box_image"] == i])
+                   for i in range(min(count, len(items)))]
+    return shown_examples(items, true_boxes(items[:count], size), predictions, count)
+
+
+def train_and_test(init: dict, data: dict, setting: DetectConfig, device,
+                   run: ResumableRun | None = None) -> tuple[dict, list]:
+    """Fine-tune on the training subset (continuing run's state if it has one), pick the best validation step,
+    test it; returns (result, examples)."""
     began = time.time()
     in_chans = init["cfg"].in_chans
     model = build_detector(init["encoder"], setting, in_chans).to(device)
+    state = run.state() if run is not None else None
     train_set = DetectionDataset(data["train"], setting.img_size, in_chans,
                                  (setting.min_scale, setting.max_scale, setting.pixel_mean))
     batch = min(setting.batch_size, len(train_set))
-    batches = iter(loader(train_set, batch, setting, device, EndlessPermutations(len(train_set), setting.seed)))
+    done = state["step"] * batch if state else 0  # training images drawn before the interruption
+    batches = iter(loader(train_set, batch, setting, device, Skip(EndlessPermutations(len(train_set), setting.seed),
+                                                                  done)))
     val = DetectionDataset(data["val"], setting.img_size, in_chans)
     history = fit(model, batches, setting, lambda: box_ap_metrics(predict(model, val, setting, device),
                                                               true_boxes(data["val"], setting.img_size), 0)["ap"],
-                  device, f"{setting.recipe} {init['name']}")
+                  device, f"{setting.recipe} {init['name']}", run, state)
     weights = run_dir(setting, init) / f"{setting.test_weights}.pt"
     tested_step = history["best_step"] if setting.test_weights == "best" else setting.steps
     save_checkpoint(weights, {
@@ -536,8 +573,7 @@ def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tup
     truths = true_boxes(data["test"], setting.img_size)
     test = box_ap_metrics(test_predictions, truths, setting.n_boot, setting.seed)
     write_arrays(run_dir(setting, init) / "test_outputs.npz", flat_boxes(test_predictions, truths))
-    examples = [(item, truth, *found) for item, truth, found in
-                zip(data["test"], truths, test_predictions)][:setting.examples]
+    examples = shown_examples(data["test"], truths, test_predictions, setting.examples)
     losses = history["losses"]
     result = dict(recipe=setting.recipe, data=RECIPES[setting.recipe]["data"], label_fraction=setting.label_fraction,
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
@@ -550,17 +586,26 @@ def train_and_test(init: dict, data: dict, setting: DetectConfig, device) -> tup
     return result, examples
 
 
-def run_experiment(cfg: DetectConfig) -> dict:
-    """Every recipe of cfg.recipe x initialisation; writes metrics.json and the figure; returns the summary."""
+def run_experiment(cfg: DetectConfig, stop: StopSignals | None = None, command: str = "") -> dict:
+    """Every recipe of cfg.recipe x initialisation, continuing the table in cfg.out_dir (util/resume.py); writes
+    metrics.json and the figure; returns the summary."""
     start = time.time()
     runs, device, out_dir, inits = set_up_runs(cfg, resolve(cfg))
+    check_settings(cfg)
     results, examples = [], []
     for setting in runs:
         data = load_data(setting)
         print(f"{setting.recipe}: {len(data['train'])} training images ({sum(len(i.boxes) for i in data['train'])} boxes), "
               f"{len(data['val'])} validation, {len(data['test'])} test images with pneumonia", flush=True)
         for init in inits:
-            result, shown = train_and_test(init, data, setting, device)
+            run = ResumableRun(run_dir(setting, init), cfg.state_interval, stop, command)
+            result = run.result()
+            if result is None:
+                result, shown = train_and_test(init, data, setting, device, run)
+                run.finish(result)
+            else:
+                shown = examples_of_finished_run(run.folder, data["test"], setting.img_size, setting.examples)
+                print(f"{setting.recipe} {init['name']}: finished earlier ({run.folder / 'result.json'})")
             test = result["test"]
             print(f"{setting.recipe:<16}{init['label']:<14} test AP {test['ap']:.3f} [{test['ap_ci95'][0]:.3f}, "
                   f"{test['ap_ci95'][1]:.3f}], AP50 {test['ap50']:.3f}  (best step {result['best_step']}, "
@@ -570,6 +615,7 @@ def run_experiment(cfg: DetectConfig) -> dict:
             summary = dict(recipe=cfg.recipe, config=dataclasses.asdict(cfg), runs=results,
                            wall_seconds=round(time.time() - start, 1), device=str(device))
             write_json(summary, out_dir / "metrics.json")  # after every run: a kill loses little
+            run.check_stop()
     figures = [out_dir / "detection.png"] + ([Path(cfg.figure)] if cfg.figure else [])
     for path in figures:
         plot_examples(examples, path)
@@ -612,8 +658,9 @@ def plot_examples(rows: list, path, top: int = 3) -> None:
 
 def main(argv=None) -> int:
     def body(cfg: DetectConfig) -> None:
-        with OutDirLock(cfg.out_dir, "--out-dir"):  # a second detect.py on the same folder stops at once
-            summary = run_experiment(cfg)
+        # a second detect.py on the same folder stops at once; SIGTERM or Ctrl-C: state, then exit 143 / 130
+        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop:
+            summary = run_experiment(cfg, stop, continue_command("detect.py", argv))
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights "
               f"under {cfg.out_dir}, and {', '.join(summary['figures'])}")

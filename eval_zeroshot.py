@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from loss import at_least_float32
 from maco import load
@@ -46,6 +45,7 @@ from util.metrics import (
     roc_curve,
     to_numpy,
 )
+from util.progress import track
 from util.tokenizer import encode_texts
 
 # Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
@@ -192,12 +192,14 @@ def _loader(dataset, batch_size: int, workers: int):
 
 @torch.no_grad()
 def zero_shot_predictions(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
-                          cosine: bool = False, batch_size: int = 32, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, C) and labels (N, C) over a dataset of (image, labels) pairs, in dataset order."""
+                          cosine: bool = False, batch_size: int = 32, workers: int = 0,
+                          progress_interval: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, C) and labels (N, C) over a dataset of (image, labels) pairs, in dataset order.
+    Progress: a bar on a terminal, else a line every `progress_interval` seconds."""
     model.eval()
     positive, negative = class_embeddings(model, tokenizer, class_prompts(class_names, prompt_set))
     all_scores, all_labels = [], []
-    for images, labels in tqdm(_loader(dataset, batch_size, workers), desc="zero-shot", leave=False):
+    for images, labels in track(_loader(dataset, batch_size, workers), "zero-shot", interval=progress_interval):
         _, image_emb = model.encode_image(images.to(_model_device(model)))
         all_scores.append(prompt_scores(image_emb, positive, negative, cosine).cpu())
         all_labels.append(labels)
@@ -206,10 +208,10 @@ def zero_shot_predictions(model, tokenizer, dataset, class_names: list[str], pro
 
 def evaluate_zero_shot(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
                        cosine: bool = False, batch_size: int = 32, workers: int = 0, n_boot: int = 1000,
-                       seed: int = 0, out_dir=None) -> dict:
+                       seed: int = 0, out_dir=None, progress_interval: float = 30.0) -> dict:
     """Zero-shot metrics over a dataset of (image, labels) pairs; with `out_dir`, also roc_curves.png there."""
     scores, labels = zero_shot_predictions(model, tokenizer, dataset, class_names, prompt_set, cosine, batch_size,
-                                           workers)
+                                           workers, progress_interval)
     metrics = classification_metrics(labels, scores, class_names, n_boot, seed)
     metrics.update(prompt_set=prompt_set, scoring="cosine" if cosine else "dot")
     if out_dir is not None:
@@ -256,8 +258,9 @@ PHRASES = ("true", "swapped", "prior_only")  # its own phrase, another finding's
 
 @torch.no_grad()
 def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers: int = 0, out_dir=None,
-                       n_overlays: int = 8, readout: str = READOUTS[0]) -> dict:
+                       n_overlays: int = 8, readout: str = READOUTS[0], progress_interval: float = 30.0) -> dict:
     """Grounding metrics over a `eval_datasets.GroundingDataset`; with `out_dir`, overlays of the first pairs.
+    Progress: a bar on a terminal, else a line every `progress_interval` seconds.
 
     Phrase specificity: every pair is scored three times on the same image, with its own phrase (the headline
     rows), with the phrase of a different finding (`swapped`, see swapped_phrases) and with the empty phrase
@@ -274,7 +277,7 @@ def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers:
     prior = model.spatial_prior()  # (N,)
     scored = {(r, c): [] for r in READOUTS for c in PHRASES}
     skipped, start = 0, 0
-    for batch in tqdm(_loader(dataset, batch_size, workers), desc="grounding", leave=False):
+    for batch in track(_loader(dataset, batch_size, workers), "grounding", interval=progress_interval):
         n = len(batch["phrase"])
         patch_emb, _ = model.encode_image(batch["image"].to(_model_device(model)))  # (B, N, D)
         phrase_embs = {"true": phrase_embeddings(model, tokenizer, list(batch["phrase"])),
@@ -387,6 +390,8 @@ class EvalConfig:
     precision: str = option("auto", "bf16 autocast or fp32 for the model's forward passes (auto: bf16 on GPUs and "
                                     "CPUs with native bf16, see docs/speed.md); scores are float32 either way",
                             choices=PRECISIONS)
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                            "terminal gets a bar)", minimum=0)
 
     def __post_init__(self):
         check_options(self)
@@ -414,10 +419,11 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
             dataset, class_names, prompt_set = zero_shot
             prompt_set = cfg.prompts or prompt_set
             results["zero_shot"] = evaluate_zero_shot(model, tokenizer, dataset, class_names, prompt_set, cfg.cosine,
-                                                      cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out)
+                                                      cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out,
+                                                      cfg.progress_interval)
         if grounding is not None:
             results["grounding"] = evaluate_grounding(model, tokenizer, grounding, cfg.batch_size, cfg.workers,
-                                                      cfg.out, cfg.overlays, cfg.readout)
+                                                      cfg.out, cfg.overlays, cfg.readout, cfg.progress_interval)
     write_json(results, Path(cfg.out) / "metrics.json")
     return results
 

@@ -36,19 +36,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from backbone import check_encoder_flags, new_encoder, preset_name, recipe_settings
 from data import grey_8bit, to_model_input
 from eval_zeroshot import plot_roc
 from maco import PRESETS, MaCo, MaCoConfig, load
 from util import eval_datasets
-from util.checkpoint import check_writable, save_checkpoint, write_arrays, write_atomic, write_json
+from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, write_arrays, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import classification_metrics, macro_auc
+from util.progress import Progress, track
 from util.released import read_weights
-from util.run_guard import OutDirLock
+from util.resume import ResumableRun, Skip, check_settings, continue_command, restore
+from util.run_guard import OutDirLock, StopSignals
 from vit import VisionTransformer
 
 # (learning rate, optimizer steps, warm-up steps) per percentage of the training labels, as released
@@ -121,7 +122,14 @@ class FinetuneConfig:
     probe_warmup_steps: int = option(None, "linear probe: warm-up steps (recipe)", minimum=0)
     num_classes: int = option(0, "classes of the head; 0 = those of the data (released runs hard-coded 14)",
                               minimum=0)
-    out_dir: str = option("runs/finetune", "where metrics.json, the best weights and the ROC plots go")
+    out_dir: str = option("runs/finetune", "where metrics.json, the best weights and the ROC plots go; rerunning the "
+                          "same command on the same folder continues its table (finished runs are kept, an "
+                          "interrupted one resumes)")
+    fresh: bool = option(False, "start the table in --out-dir over instead of continuing it")
+    state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
+                                 "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                      "terminal gets a bar)", minimum=0)
     figure: str = option(None, "AUC against label fraction figure (default <out-dir>/label_efficiency.png; the "
                          "copy in docs/finetuning.md: --figure docs/label_efficiency.png)")
     n_boot: int = option(1000, "bootstrap resamples for the test macro-AUC 95% interval", minimum=1)
@@ -350,23 +358,28 @@ def predict(model, batches, device, precision: str) -> tuple[np.ndarray, np.ndar
 
 
 def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: int, setting: FinetuneConfig, validate,
-        save, device, desc: str) -> dict:
+        save, device, desc: str, run: ResumableRun | None = None, state: dict | None = None) -> dict:
     """SGD (momentum 0.9) on BCE with logits, warm-up + cosine, gradient clipping. Validation (macro AUC) at step
     0, every setting.eval_interval steps (unset: every 10 epochs of `epoch_steps` steps, as released) and at the end;
-    each new best is saved (save(step, auc)) and the best weights are loaded back at the end.
-    Returns {best_step, best_val_auc, losses (one per step), validations {step: auc}}."""
+    each new best is saved (save(step, auc)) and the best weights are loaded back at the end. `run`: writes the
+    resumable state after the steps it says; `state`: an interrupted run's, to continue from (`batches` must
+    continue where it stopped). Returns {best_step, best_val_auc, losses (one per step), validations {step: auc}}."""
     params = [p for p in model.parameters() if p.requires_grad]
     head = {id(p) for p in model.head.parameters()} if isinstance(model, Classifier) else set()
     groups = [dict(params=[p for p in params if id(p) not in head], lr_scale=1.0),
               dict(params=[p for p in params if id(p) in head], lr_scale=setting.head_lr_scale)]
     optimizer = torch.optim.SGD([group for group in groups if group["params"]], lr=lr, momentum=0.9,
                                 weight_decay=setting.weight_decay)
-    best = dict(best_step=0, best_val_auc=validate(), state=copy.deepcopy(model.state_dict()))
-    save(0, best["best_val_auc"])
-    validations, losses = {0: best["best_val_auc"]}, []
+    if state is not None:
+        start, best, validations, losses = restore(state, model, optimizer)
+    else:
+        start, best = 0, dict(best_step=0, best_val_auc=validate(), state=copy.deepcopy(model.state_dict()))
+        save(0, best["best_val_auc"])
+        validations, losses = {0: best["best_val_auc"]}, []
     eval_interval = setting.eval_interval or 10 * epoch_steps
+    progress = Progress(steps, desc, start, setting.progress_interval)
     model.train()
-    for step in tqdm(range(1, steps + 1), desc=desc, leave=False, dynamic_ncols=True):
+    for step in range(start + 1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = finetune_lr(step, lr, warmup_steps, steps) * group["lr_scale"]
         inputs, labels = next(batches)
@@ -377,14 +390,20 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, setting.clip_grad)
         optimizer.step()
-        losses.append(loss.detach())
+        losses.append(loss.item())
         if step % eval_interval == 0 or step == steps:
             validations[step] = auc = validate()
             if auc > best["best_val_auc"] or math.isnan(best["best_val_auc"]):
                 best.update(best_step=step, best_val_auc=auc, state=copy.deepcopy(model.state_dict()))
                 save(step, auc)
+            progress.update(0, **{"val AUC": f"{auc:.3f}"})
+        progress.update(loss=f"{losses[-1]:.4f}")
+        if run is not None:
+            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                              best=best, validations=validations, losses=losses))
+    progress.close()
     model.load_state_dict(best.pop("state"))
-    return dict(best, losses=[loss.item() for loss in losses], validations=validations)
+    return dict(best, losses=losses, validations=validations)
 
 
 def loader(dataset, batch_size: int, setting: FinetuneConfig, device, sampler=None):
@@ -407,20 +426,25 @@ def run_dir(setting: FinetuneConfig, init: dict, mode: str) -> Path:
     return Path(setting.out_dir) / setting.recipe / f"{init['name']}-{mode}"
 
 
-def finetune(init: dict, data: dict, setting: FinetuneConfig, device) -> tuple[Classifier, dict]:
-    """Fine-tune encoder and head on the training subset; returns the model at its best validation step."""
+def finetune(init: dict, data: dict, setting: FinetuneConfig, device,
+             run: ResumableRun | None = None) -> tuple[Classifier, dict]:
+    """Fine-tune encoder and head on the training subset (continuing run's state if it has one); returns the model
+    at its best validation step."""
     torch.manual_seed(setting.seed)
     model = Classifier(copy.deepcopy(init["encoder"]), len(data["class_names"]), setting.drop_path).to(device)
     if init.get("head") is not None:
         model.head.load_state_dict(init["head"].state_dict())
+    state = run.state() if run is not None else None
     train_set = FinetuneDataset(data["train"], setting.img_size, init["cfg"].in_chans, True, setting.crop_scale)
     batch = min(setting.batch_size, len(train_set))
-    batches = iter(loader(train_set, batch, setting, device, EndlessPermutations(len(train_set), setting.seed)))
+    done = state["step"] * batch if state else 0  # training images drawn before the interruption
+    batches = iter(loader(train_set, batch, setting, device, Skip(EndlessPermutations(len(train_set), setting.seed),
+                                                                  done)))
     val = loader(FinetuneDataset(data["val"], setting.img_size, init["cfg"].in_chans), setting.batch_size, setting, device)
     history = fit(model, batches, setting.steps, setting.lr, setting.warmup_steps, math.ceil(len(train_set) / batch), setting,
                   lambda: macro_auc(*predict(model, val, device, setting.precision)),
                   saver(model, init, "finetune", data, setting), device,
-                  f"{setting.recipe} {init['name']} fine-tune")
+                  f"{setting.recipe} {init['name']} fine-tune", run, state)
     return model, dict(history, batch_size=batch)
 
 
@@ -432,7 +456,8 @@ def features_of(model: Classifier, items, setting: FinetuneConfig, device, cache
         dataset = FinetuneDataset(todo, setting.img_size, model.encoder.patch_embed.proj.in_channels)
         model.eval()
         done = 0
-        for images, _ in tqdm(loader(dataset, setting.batch_size, setting, device), desc="features", leave=False):
+        for images, _ in track(loader(dataset, setting.batch_size, setting, device), "features",
+                               interval=setting.progress_interval):
             with autocast(device, setting.precision):
                 feats = model.features(images.to(device)).float().cpu()
             for item, feature in zip(todo[done:done + len(feats)], feats):
@@ -441,8 +466,10 @@ def features_of(model: Classifier, items, setting: FinetuneConfig, device, cache
     return torch.stack([cache[item.path] for item in items])
 
 
-def linear_probe(init: dict, data: dict, setting: FinetuneConfig, device, cache: dict) -> tuple[Classifier, dict]:
-    """Train a fresh head on the frozen encoder's features; returns the model at its best validation step."""
+def linear_probe(init: dict, data: dict, setting: FinetuneConfig, device, cache: dict,
+                 run: ResumableRun | None = None) -> tuple[Classifier, dict]:
+    """Train a fresh head on the frozen encoder's features (continuing run's state if it has one); returns the
+    model at its best validation step."""
     torch.manual_seed(setting.seed)
     model = Classifier(copy.deepcopy(init["encoder"]), len(data["class_names"])).to(device)
     model.encoder.requires_grad_(False)
@@ -452,9 +479,10 @@ def linear_probe(init: dict, data: dict, setting: FinetuneConfig, device, cache:
                     torch.from_numpy(np.stack([item.labels for item in data[name]]))) for name in ("train", "val")}
     x, y = split["train"]
     batch = min(setting.batch_size, len(x))
+    state = run.state() if run is not None else None
 
     def feature_batches():
-        indices = iter(EndlessPermutations(len(x), setting.seed))
+        indices = iter(Skip(EndlessPermutations(len(x), setting.seed), state["step"] * batch if state else 0))
         while True:
             chosen = [next(indices) for _ in range(batch)]
             yield x[chosen], y[chosen]
@@ -464,8 +492,16 @@ def linear_probe(init: dict, data: dict, setting: FinetuneConfig, device, cache:
                   math.ceil(len(x) / batch), setting,
                   lambda: macro_auc(*predict(model.head, val, device, setting.precision)),
                   saver(model, init, "linear-probe", data, setting),
-                  device, f"{setting.recipe} {init['name']} probe")
+                  device, f"{setting.recipe} {init['name']} probe", run, state)
     return model, dict(history, batch_size=batch)
+
+
+def finished_probe(init: dict, data: dict, setting: FinetuneConfig, device) -> Classifier:
+    """The linear probe of an earlier, finished run of this table, from its best.pt (the weights it ended with)."""
+    model = Classifier(copy.deepcopy(init["encoder"]), len(data["class_names"])).to(device)
+    model.load_state_dict(read_checkpoint(run_dir(setting, init, "linear-probe") / "best.pt", "the probe's weights")[
+        "classifier"])
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,8 +532,9 @@ def evaluate_run(model: Classifier, init: dict, mode: str, data: dict, setting: 
                 weights=str(folder / "best.pt"), test=metrics)
 
 
-def run_experiment(cfg: FinetuneConfig) -> dict:
-    """Every recipe of cfg.recipe x initialisation x mode; writes metrics.json and the figure; returns the results."""
+def run_experiment(cfg: FinetuneConfig, stop: StopSignals | None = None, command: str = "") -> dict:
+    """Every recipe of cfg.recipe x initialisation x mode, continuing the table in cfg.out_dir (util/resume.py);
+    writes metrics.json and the figure; returns the results."""
     start = time.time()
     runs = resolve(cfg)
     device = pick_device(cfg.device)
@@ -507,6 +544,7 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
     check_writable(cfg.out_dir, "--out-dir")
     check_writable(Path(runs[0].figure).parent, "--figure")
     inits = initialisations(runs[0])
+    check_settings(cfg)
     # the probe first: with --probe-head, fine-tuning starts from its head
     modes = {True: ["linear-probe"], False: ["finetune"], None: ["linear-probe", "finetune"]}[runs[0].linear_probe]
     caches = {init["name"]: {} for init in inits}  # frozen features per initialisation, shared by the fractions
@@ -520,18 +558,25 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
             probe = None
             for mode in modes:
                 began = time.time()
-                if mode == "finetune":
+                run = ResumableRun(run_dir(setting, init, mode), cfg.state_interval, stop, command)
+                result = run.result()
+                if result is not None:
+                    print(f"{setting.recipe} {init['name']} {mode}: finished earlier ({run.folder / 'result.json'})")
+                elif mode == "finetune":
                     # LP-FT: the probe first (it saves its own best.pt); a fine-tuned checkpoint keeps its own head
                     from_probe = setting.probe_head and init.get("head") is None
                     if from_probe and probe is None:
-                        probe, _ = linear_probe(init, data, setting, device, caches[init["name"]])
+                        probe = (finished_probe(init, data, setting, device) if "linear-probe" in modes else
+                                 linear_probe(init, data, setting, device, caches[init["name"]])[0])
                     model, history = finetune(dict(init, head=probe.head) if from_probe else init, data, setting,
-                                              device)
+                                              device, run)
                 else:
-                    probe, history = linear_probe(init, data, setting, device, caches[init["name"]])
+                    probe, history = linear_probe(init, data, setting, device, caches[init["name"]], run)
                     model = probe
-                result = evaluate_run(model, init, mode, data, setting, device, history, caches[init["name"]],
-                                      time.time() - began)
+                if result is None:
+                    result = evaluate_run(model, init, mode, data, setting, device, history, caches[init["name"]],
+                                          time.time() - began)
+                    run.finish(result)
                 low, high = result["test"]["macro_auc_ci95"]
                 print(f"{setting.recipe:<16}{init['name']:<10}{mode:<13} test macro AUC {result['test']['macro_auc']:.3f} "
                       f"[{low:.3f}, {high:.3f}]  (best step {result['best_step']}, {result['seconds']:.0f} s)")
@@ -540,6 +585,7 @@ def run_experiment(cfg: FinetuneConfig) -> dict:
                                wall_seconds=round(time.time() - start, 1), device=str(device),
                                precision=precision)
                 write_json(summary, Path(cfg.out_dir) / "metrics.json")  # after every run: a kill loses little
+                run.check_stop()
     plot_label_efficiency(results, runs[0].figure)
     summary["figure"] = runs[0].figure
     return summary
@@ -604,16 +650,14 @@ def plot_label_efficiency(results: list[dict], path) -> None:
 
 
 def main(argv=None) -> int:
-    return run_script(FinetuneConfig, run_and_print, argv, __doc__)
-
-
-def run_and_print(cfg: FinetuneConfig) -> int:
-    with OutDirLock(cfg.out_dir, "--out-dir"):  # a second finetune.py on the same folder stops at once
-        summary = run_experiment(cfg)
-    print("\n" + auc_table(summary["runs"]))
-    print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and ROC "
-          f"curves under {cfg.out_dir}" + (f", and {summary['figure']}" if summary["figure"] else ""))
-    return 0
+    def body(cfg: FinetuneConfig) -> None:
+        # a second finetune.py on the same folder stops at once; SIGTERM or Ctrl-C: state, then exit 143 / 130
+        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop:
+            summary = run_experiment(cfg, stop, continue_command("finetune.py", argv))
+        print("\n" + auc_table(summary["runs"]))
+        print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and "
+              f"ROC curves under {cfg.out_dir}" + (f", and {summary['figure']}" if summary["figure"] else ""))
+    return run_script(FinetuneConfig, body, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
-from util.run_guard import OutDirLock
+from util.progress import Progress
+from util.resume import ResumableRun, Skip, check_settings, continue_command, restore
+from util.run_guard import OutDirLock, StopSignals
 
 # (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
 # released configs for SIIM (batch 8 = 4 GPUs x 2); the synthetic world's fit the default run into 10 CPU minutes.
@@ -139,7 +141,13 @@ class SegmentConfig:
     test_weights: str = option("best", "weights tested: the best validation step's, or the last step's (as the "
                                "released test.sh, which loads latest.pth)", choices=TEST_WEIGHTS)
     overlays: int = option(4, "test images drawn with their predicted and true masks", minimum=0)
-    out_dir: str = option("runs/segment", "where metrics.json, weights and figures go")
+    out_dir: str = option("runs/segment", "where metrics.json, weights and figures go; rerunning the same command on "
+                          "the same folder continues its table (finished runs are kept, an interrupted one resumes)")
+    fresh: bool = option(False, "start the table in --out-dir over instead of continuing it")
+    state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
+                                 "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                      "terminal gets a bar)", minimum=0)
     figure: str = option("", "also draw the summary figure here (docs/segmentation.md's copy: docs/segmentation.png)")
     redraw: bool = option(False, "train nothing: print the table and draw the figures from the results already in "
                           "--out-dir (metrics.json, examples.npz)")
@@ -544,18 +552,24 @@ def loader(dataset, setting: SegmentConfig, device, sampler=None):
                                        pin_memory=device.type == "cuda")
 
 
-def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "") -> dict:
+def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "",
+        run: ResumableRun | None = None, state: dict | None = None) -> dict:
     """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (validate():
     the Dice of setting.select_by) at step 0, every setting.eval_interval steps and at the end; the best weights are
-    loaded back at the end (setting.test_weights "best"; "last" keeps the last step's). Returns {best_step,
-    best_val_dice, losses (one per step), validations {step: Dice}}."""
+    loaded back at the end (setting.test_weights "best"; "last" keeps the last step's). `run`: writes the
+    resumable state after the steps it says; `state`: an interrupted run's, to continue from (`batches` must
+    continue where it stopped). Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}."""
     groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay,
                                 setting.decay_exempt, setting.layer_ids)
     optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
-    best = dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
-    validations, losses = {0: best["best_val_dice"]}, []
+    if state is not None:
+        start, best, validations, losses = restore(state, model, optimizer)
+    else:
+        start, best = 0, dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
+        validations, losses = {0: best["best_val_dice"]}, []
+    progress = Progress(setting.steps, desc, start, setting.progress_interval)
     model.train()
-    for step in range(1, setting.steps + 1):
+    for step in range(start + 1, setting.steps + 1):
         lr = segment_lr(step - 1, setting.lr, setting.warmup_steps, setting.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -569,17 +583,21 @@ def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, des
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())
+        losses.append(loss.item())
         if step % setting.eval_interval == 0 or step == setting.steps:
             validations[step] = dice = validate()
             if dice > best["best_val_dice"]:
                 best.update(best_step=step, best_val_dice=dice, state=copy.deepcopy(model.state_dict()))
-            print(f"  {desc} step {step}: loss {loss.item():.4f}, validation {setting.select_by} {dice:.3f}",
-                  flush=True)
-    state = best.pop("state")
+            progress.update(0, **{f"val {setting.select_by}": f"{dice:.3f}"})
+        progress.update(loss=f"{losses[-1]:.4f}")
+        if run is not None:
+            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                              best=best, validations=validations, losses=losses))
+    progress.close()
+    weights = best.pop("state")
     if setting.test_weights == "best":
-        model.load_state_dict(state)
-    return dict(best, losses=[loss.item() for loss in losses], validations=validations)
+        model.load_state_dict(weights)
+    return dict(best, losses=losses, validations=validations)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -589,17 +607,21 @@ def run_dir(setting: SegmentConfig, init: dict) -> Path:
     return Path(setting.out_dir) / setting.recipe / init["name"]
 
 
-def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, device) -> tuple[dict, list]:
-    """Fine-tune on the training subset, pick the best validation step, test it; returns (result, overlays)."""
+def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, device,
+                   run: ResumableRun | None = None) -> tuple[dict, list]:
+    """Fine-tune on the training subset (continuing run's state if it has one), pick the best validation step,
+    test it; returns (result, overlays)."""
     began = time.time()
     model = build_segmenter(init, setting, device)
     in_chans = init["cfg"].in_chans
+    state = run.state() if run is not None else None
+    done = state["step"] * setting.batch_size if state else 0  # training images drawn before the interruption
     train_set = SegmentationDataset(data["train"], setting.img_size, in_chans, masks, flip=True)
-    batches = iter(loader(train_set, setting, device, training_sampler(data["train"], setting)))
+    batches = iter(loader(train_set, setting, device, Skip(training_sampler(data["train"], setting), done)))
     val = loader(SegmentationDataset(data["val"], setting.img_size, in_chans, masks), setting, device)
     history = fit(model, batches, setting,
                   lambda: dice_scores(predict(model, val, device, setting.precision)[0])[setting.select_by],
-                  device, f"{setting.recipe} {init['name']}")
+                  device, f"{setting.recipe} {init['name']}", run, state)
     weights = run_dir(setting, init) / f"{setting.test_weights}.pt"
     tested_step = history["best_step"] if setting.test_weights == "best" else setting.steps
     save_checkpoint(weights, {
@@ -628,20 +650,30 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
                   empty_prediction=dice_scores(counts * [0, 0, 1]))
     if overlays:
         plot_overlays(overlays, f"{setting.recipe}, {init['label']}", run_dir(setting, init) / "overlays.png")
+    save_examples({init["label"]: overlays}, run_dir(setting, init) / "overlays.npz")  # for a rerun that resumes
     return result, overlays
 
 
-def run_experiment(cfg: SegmentConfig) -> dict:
-    """Every recipe of cfg.recipe x initialisation; writes metrics.json and the figures; returns the summary."""
+def run_experiment(cfg: SegmentConfig, stop: StopSignals | None = None, command: str = "") -> dict:
+    """Every recipe of cfg.recipe x initialisation, continuing the table in cfg.out_dir (util/resume.py); writes
+    metrics.json and the figures; returns the summary."""
     start = time.time()
     runs, device, out_dir, inits = set_up_runs(cfg, resolve(cfg))
+    check_settings(cfg)
     masks, results, examples = {}, [], {}
     for setting in runs:
         data = load_data(setting)
         for split in ("train", "val", "test"):
             decode_masks(data[split], setting.img_size, masks)
         for init in inits:
-            result, overlays = train_and_test(init, data, setting, masks, device)
+            run = ResumableRun(run_dir(setting, init), cfg.state_interval, stop, command)
+            result = run.result()
+            if result is None:
+                result, overlays = train_and_test(init, data, setting, masks, device, run)
+                run.finish(result)
+            else:
+                overlays = load_examples(run_dir(setting, init) / "overlays.npz").get(init["label"], [])
+                print(f"{setting.recipe} {init['name']}: finished earlier ({run.folder / 'result.json'})")
             test = result["test"]
             print(f"{setting.recipe:<16}{init['label']:<14} test pooled Dice {test['pooled_dice']:.3f} "
                   f"[{test['pooled_dice_ci95'][0]:.3f}, {test['pooled_dice_ci95'][1]:.3f}], positive images "
@@ -652,6 +684,7 @@ def run_experiment(cfg: SegmentConfig) -> dict:
             summary = dict(recipe=cfg.recipe, config=dataclasses.asdict(cfg), runs=results,
                            wall_seconds=round(time.time() - start, 1), device=str(device))
             write_json(summary, out_dir / "metrics.json")  # after every run: a kill loses little
+            run.check_stop()
     save_examples(examples, out_dir / "examples.npz")
     summary["figures"] = draw_figures(results, examples, cfg)
     return summary
@@ -750,8 +783,9 @@ def plot_summary(results: list[dict], examples: dict, path) -> None:
 
 def main(argv=None) -> int:
     def body(cfg: SegmentConfig) -> None:
-        with OutDirLock(cfg.out_dir, "--out-dir"):  # a second segment.py on the same folder stops at once
-            summary = redraw(cfg) if cfg.redraw else run_experiment(cfg)
+        # a second segment.py on the same folder stops at once; SIGTERM or Ctrl-C: state, then exit 143 / 130
+        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop:
+            summary = redraw(cfg) if cfg.redraw else run_experiment(cfg, stop, continue_command("segment.py", argv))
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         if all("test_original" in r for r in summary["runs"]):
             print("\nAt each test image's own resolution, as the released test.sh (--eval mDice) scores it, with the "

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from data import (
     CAPTION_SOURCES,
@@ -44,6 +43,7 @@ from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import append_line, check_writable, read_checkpoint, read_log, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, resolve_precision, setup_distributed
+from util.progress import Progress
 from util.released import read_weights
 from util.run_guard import OutDirLock, StopSignals, ignore_stop_signals
 from util.tokenizer import load_tokenizer, train_tokenizer
@@ -57,7 +57,8 @@ MAX_EMPTY_STEPS = 10  # consecutive steps without one readable image: the data i
 RESUME_KEYS = ("model", "model_config", "train_config", "tokenizer", "optimizer", "step")
 # settings a resumed run takes from the command line; the intervals and the precision only if given (and printed);
 # all others come from the checkpoint
-SESSION_FIELDS = ("resume", "out_dir", "overwrite", "device", "num_workers", "stop_after_steps", "compile", "eval")
+SESSION_FIELDS = ("resume", "out_dir", "overwrite", "device", "num_workers", "stop_after_steps", "compile", "eval",
+                  "progress_interval")
 OVERRIDABLE_FIELDS = ("log_interval", "ckpt_interval", "precision")
 
 
@@ -111,6 +112,8 @@ class TrainConfig:
     stop_after_steps: int = option(0, "end early after this many optimizer steps, as if killed (0 = run the schedule)",
                                    minimum=0)
     eval: bool = option(True, "synthetic data: evaluate zero-shot and grounding on the test split at the end")
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                            "terminal gets a bar)", minimum=0)
     model: dict = overrides(MaCoConfig, PRESETS, "model settings (each defaults to the preset's value)")
 
     def __post_init__(self):
@@ -240,7 +243,8 @@ def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
     cache = Path(cfg.cache) if cfg.cache else root / f"cache-{size}"
     if cfg.data == "synthetic" and not cfg.cache and not cache_is_complete(cache):
         if is_main:  # the synthetic world is small: its images are resized once, and training never decodes a JPEG
-            build_cache(MimicCXR(root, split=None, image_size=size), cache, workers=2)
+            build_cache(MimicCXR(root, split=None, image_size=size), cache, workers=2,
+                        progress_interval=cfg.progress_interval)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     cache = cache if (cfg.cache or cache.exists()) else None
@@ -426,7 +430,8 @@ def evaluate_at_end(run: Run) -> dict:
     """Zero-shot classification and grounding on the synthetic test split, written to <out_dir>/eval."""
     from eval_zeroshot import EvalConfig, format_results, run_evaluation
     eval_cfg = EvalConfig(ckpt=str(run.out_dir / "checkpoint.pt"), data="synthetic", root=run.cfg.root,
-                          out=str(run.out_dir / "eval"), device=str(run.device), precision=run.cfg.precision)
+                          out=str(run.out_dir / "eval"), device=str(run.device), precision=run.cfg.precision,
+                          progress_interval=run.cfg.progress_interval)
     results = run_evaluation(eval_cfg, run.model.eval(), run.tokenizer)
     print(format_results(results))
     return results
@@ -453,7 +458,8 @@ def train_steps(run: Run, stop: StopSignals) -> dict:
     ckpt_path, log_path = run.out_dir / "checkpoint.pt", run.out_dir / "log.jsonl"
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, checked at log time only
     done, last, last_out, skipped, empty_steps, window_images, window_start = run.start_step, {}, None, 0, 0, 0, time.time()
-    progress = tqdm(total=run.total_steps, initial=run.start_step, disable=not run.is_main, dynamic_ncols=True)
+    progress = Progress(run.total_steps, "train", initial=run.start_step, interval=run.cfg.progress_interval,
+                        enabled=run.is_main)
     run.model.train()
     for step, batches in step_batches(run):
         result = train_step(run, step, batches)
@@ -467,9 +473,9 @@ def train_steps(run: Run, stop: StopSignals) -> dict:
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
             last_out = result["out"]
         done = step + 1
-        progress.update(1)
         at_log = done % run.cfg.log_interval == 0 or done % run.cfg.ckpt_interval == 0 or done == run.stop_step
         stopping = stop.should_stop(run.world, run.device, at_log)
+        shown = {}  # the loss and throughput beside the progress, from each log line
         if at_log and last_out is not None:  # (nothing to log before the first readable batch)
             if bad_step.item() >= 0:  # the one host sync of the step, at logging time
                 kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written"
@@ -478,7 +484,8 @@ def train_steps(run: Run, stop: StopSignals) -> dict:
             window_images, window_start = 0, time.time()
             if run.is_main:
                 append_line(log_path, json.dumps(last))
-                progress.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}")
+            shown = dict(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}")
+        progress.update(1, **shown)
         if run.is_main and (done % run.cfg.ckpt_interval == 0 or done == run.stop_step or stopping):
             save_checkpoint(ckpt_path, checkpoint_state(run, done))
         if stopping:

@@ -1,4 +1,4 @@
-"""A run killed at any instant resumes to exactly the uninterrupted result (docs/reliability.md §2): SIGKILLs of
+"""A run killed at any instant resumes to exactly the uninterrupted result (docs/reliability.md §1, §3): SIGKILLs of
 forked child processes (fork: no second import of torch per kill), inside each writer and at random instants;
 the same for `python data.py cache`.
 Replay: MACO_FAULT_KILLS (default 20), MACO_FAULT_SEED (default 0), or MACO_FAULT_AT="1.5,2.25" (seconds).

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from eval_zeroshot import PHRASES, evaluate_grounding, zero_shot_predictions
 from maco import load
@@ -40,6 +39,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import macro_auc
+from util.progress import track
 from util.run_guard import OutDirLock
 
 VARIANTS = {  # model settings of each variant, on top of the recipe's preset
@@ -68,6 +68,8 @@ class AblateConfig:
     num_workers: int = option(None, "DataLoader workers of training (default: train.py's, 0 when every image is "
                                     "cached, else 2)", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                            "terminal gets a bar)", minimum=0)
 
     def __post_init__(self):
         check_options(self)
@@ -87,7 +89,7 @@ def train_variant(cfg: AblateConfig, variant: str, seed: int, run_dir: Path) -> 
     """Train (or finish training) one variant; returns its checkpoint."""
     checkpoint = run_dir / "checkpoint.pt"
     common = dict(out_dir=str(run_dir), num_workers=cfg.num_workers, device=cfg.device, eval=False,
-                  stop_after_steps=30 if cfg.quick else 0)
+                  stop_after_steps=30 if cfg.quick else 0, progress_interval=cfg.progress_interval)
     if checkpoint.exists():  # killed earlier: continue where it stopped (a finished run just returns)
         train(TrainConfig(resume=str(checkpoint), **common), given=set())
         return checkpoint
@@ -145,11 +147,12 @@ def score_variant(cfg: AblateConfig, variant: str, checkpoint: Path) -> dict:
     scores = {"variant": variant, "class_names": class_names, "test_paths": [item.path for item in test.items],
               "labels": test_y.tolist(), "probe": logistic_probe(train_x, train_y, test_x).tolist()}
     if variant not in TEXT_FREE:
-        zero_shot, _ = zero_shot_predictions(model, tokenizer, test, class_names)
+        zero_shot, _ = zero_shot_predictions(model, tokenizer, test, class_names,
+                                             progress_interval=cfg.progress_interval)
         scores["zero_shot"] = zero_shot.tolist()
         grounding = eval_datasets.GroundingDataset(
             eval_datasets.load_ms_cxr(Path(cfg.root) / eval_datasets.MS_CXR_CSV, cfg.root), size, chans)
-        result = evaluate_grounding(model, tokenizer, grounding)
+        result = evaluate_grounding(model, tokenizer, grounding, progress_interval=cfg.progress_interval)
         rows = {"true": result["pairs"], "swapped": result["swapped"]["pairs"], "prior_only": result["prior_only"]["pairs"]}
         scores["grounding"] = {row: [{"path": p["path"], **{m: p[m] for m in GROUNDING_METRICS}} for p in rows[row]]
                                for row in GROUNDING_ROWS}
@@ -283,7 +286,8 @@ def run_ablation(cfg: AblateConfig) -> dict:
                                   variants=cfg.variants if cfg.variants != AblateConfig.variants else "clip,maco")
     jobs = [(variant, seed) for variant in cfg.variant_list for seed in range(cfg.seeds)]
     scores, start = {}, time.time()
-    for variant, seed in tqdm(jobs, desc="ablation (variant x seed)"):
+    for variant, seed in track(jobs, "ablation (variant x seed)", interval=cfg.progress_interval, unit="run",
+                               leave=True):
         path = out_dir / "scores" / f"{variant}-seed{seed}.json"
         if not path.exists():
             checkpoint = train_variant(cfg, variant, seed, out_dir / "runs" / f"{variant}-seed{seed}")

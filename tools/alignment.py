@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from eval_zeroshot import evaluate_grounding, grounding_caption, zero_shot_predictions
 from maco import load
@@ -37,6 +36,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import roc_auc
+from util.progress import track
 from util.run_guard import OutDirLock
 from world.synthetic import generate
 
@@ -85,6 +85,8 @@ class AlignmentConfig:
                                     "cached; on a GPU give 8 or more: the loader, not the tiny model, is the limit)",
                               minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
+                                            "terminal gets a bar)", minimum=0)
 
     def __post_init__(self):
         check_options(self)
@@ -120,7 +122,8 @@ def train_factor(cfg: AlignmentConfig, factor: str, seed: int, run_dir: Path) ->
     """Warm start (if the factor has one) and train one (factor, seed); returns the checkpoint."""
     settings = dict(FACTORS[factor])
     warm = settings.pop("warm", None)
-    common = dict(device=cfg.device, num_workers=cfg.num_workers, eval=False, stop_after_steps=30 if cfg.quick else 0)
+    common = dict(device=cfg.device, num_workers=cfg.num_workers, eval=False, stop_after_steps=30 if cfg.quick else 0,
+                  progress_interval=cfg.progress_interval)
     quick = dict(epochs=1, batch_size=16) if cfg.quick else {}
     init = ""
     if warm == "image":
@@ -153,9 +156,10 @@ def held_out_worlds(cfg: AlignmentConfig, out_dir: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def score_checkpoint(checkpoint: Path, worlds: list[Path]) -> dict:
+def score_checkpoint(checkpoint: Path, worlds: list[Path], progress_interval: float = 30.0) -> dict:
     """Per-image and per-pair scores of one checkpoint on the test splits of `worlds` (pooled, paths prefixed by
-    the world's folder name), its text separation and the effective rank of its image embeddings."""
+    the world's folder name), its text separation and the effective rank of its image embeddings. Progress: a bar
+    on a terminal, else a line every `progress_interval` seconds."""
     model, tokenizer = load(checkpoint, verbose=False)
     size, chans = model.cfg.img_size, model.cfg.in_chans
     scores = {"labels": [], "zero_shot": [], "test_paths": [], "grounding": {}, "effective_rank": []}
@@ -163,9 +167,10 @@ def score_checkpoint(checkpoint: Path, worlds: list[Path]) -> dict:
         class_names = eval_datasets.synthetic_class_names(root)
         items = eval_datasets.load_synthetic(root, class_names, "test")
         zero_shot, labels = zero_shot_predictions(model, tokenizer, eval_datasets.ClassificationDataset(
-            items, size, chans), class_names)
+            items, size, chans), class_names, progress_interval=progress_interval)
         pairs = eval_datasets.load_ms_cxr(root / eval_datasets.MS_CXR_CSV, root)
-        result = evaluate_grounding(model, tokenizer, eval_datasets.GroundingDataset(pairs, size, chans))
+        result = evaluate_grounding(model, tokenizer, eval_datasets.GroundingDataset(pairs, size, chans),
+                                    progress_interval=progress_interval)
         by_readout = {result["readout"]: {"true": result["pairs"], "swapped": result["swapped"]["pairs"],
                                           "prior_only": result["prior_only"]["pairs"]},
                       result["other_readout"]["readout"]: {c: result["other_readout"][c]["pairs"]
@@ -323,11 +328,12 @@ def run_study(cfg: AlignmentConfig) -> dict:
     jobs = [(factor, seed) for seed in range(cfg.seeds) for factor in cfg.factor_list]  # every factor once first
     worlds = [] if cfg.redraw else held_out_worlds(cfg, out_dir)
     scores, start = {}, time.time()
-    for factor, seed in tqdm(jobs, desc="alignment study (factor x seed)"):
+    for factor, seed in track(jobs, "alignment study (factor x seed)", interval=cfg.progress_interval, unit="run",
+                              leave=True):
         path = out_dir / "scores" / f"{factor}-seed{seed}.json"
         if not path.exists() and not cfg.redraw:
             checkpoint = train_factor(cfg, factor, seed, out_dir / "runs" / f"{factor}-seed{seed}")
-            write_json(score_checkpoint(checkpoint, worlds), path)
+            write_json(score_checkpoint(checkpoint, worlds, cfg.progress_interval), path)
         if path.exists():
             scores.setdefault(factor, []).append(read_json(path))
     if not scores:

@@ -1,0 +1,81 @@
+"""Progress that suits where it goes (docs/reliability.md §5): on a terminal, a tqdm bar; anywhere else (a log file,
+`nohup`, a batch job, CI) one plain line every `interval` seconds and one at the end, instead of a bar's hundreds of
+carriage-return updates.
+
+    with Progress(total=1272, desc="train", interval=30) as progress:
+        for step in ...:
+            progress.update(loss=f"{loss:.3f}")
+
+    for batch in track(loader, desc="zero-shot", interval=30):  # the same for a plain loop
+        ...
+
+A line reads `train: step 240/1272 (19%), 3.61 step/s, loss 3.214`.
+"""
+
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class Progress:
+    """A counter of `unit`s from `initial` to `total` (None: unknown) printed to `file` (default stderr): a tqdm
+    bar when `file` is a terminal, else a line every `interval` seconds and at close (if `leave` and anything
+    happened since the last line). enabled=False prints nothing (the other ranks of a multi-GPU run)."""
+
+    def __init__(self, total: int | None = None, desc: str = "", initial: int = 0, interval: float = 30.0,
+                 unit: str = "step", leave: bool = True, enabled: bool = True, file=None):
+        self.file = file if file is not None else sys.stderr
+        self.total, self.desc, self.unit, self.interval, self.leave, self.enabled = total, desc, unit, interval, leave, enabled
+        self.done = self.printed = self.first = initial
+        self.postfix: dict = {}
+        self.start = self.last_line = time.monotonic()
+        terminal = enabled and hasattr(self.file, "isatty") and self.file.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
+                        file=self.file) if terminal else None
+
+    def update(self, n: int = 1, **postfix) -> None:
+        """Count n more units; postfix (e.g. loss="3.214") is shown with the count from now on."""
+        self.done += n
+        self.postfix.update(postfix)
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(self.postfix, refresh=False)
+        elif self.enabled and time.monotonic() - self.last_line >= self.interval:
+            self.write_line()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        count = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else str(self.done)
+        extras = "".join(f", {key} {value}" for key, value in self.postfix.items())
+        speed = f"{1 / rate:.1f} s/{self.unit}" if 0 < rate < 1 else f"{rate:.2f} {self.unit}/s"  # as tqdm does
+        return f"{self.desc}: {self.unit} {count}, {speed}{extras}"
+
+    def write_line(self) -> None:
+        print(self.line(), file=self.file, flush=True)
+        self.printed, self.last_line = self.done, time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and self.leave and self.done != self.printed:
+            self.write_line()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def track(iterable, desc: str = "", total: int | None = None, interval: float = 30.0, unit: str = "batch",
+          leave: bool = False, enabled: bool = True):
+    """Yield the items of `iterable`, counting them in a Progress (total: len(iterable) where it has one)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with Progress(total, desc, interval=interval, unit=unit, leave=leave, enabled=enabled) as progress:
+        for item in iterable:
+            yield item
+            progress.update()

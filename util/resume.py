@@ -1,0 +1,126 @@
+"""Fine-tuning tables that survive a kill, as train.py does (docs/reliability.md §2): finetune.py, segment.py and
+detect.py run a table of runs (recipe x initialisation, x mode for finetune.py), each in its own folder
+<out-dir>/<recipe>/<run>/, and rerunning the same command on the same --out-dir continues the table:
+
+  <out-dir>/settings.json  the table's settings, written when it starts; a rerun whose settings differ (apart from
+                           SESSION_FIELDS) stops with an error naming the flag, and --fresh starts over
+  <run>/state.pt           every --state-interval steps and at SIGTERM or Ctrl-C: the step, weights, optimiser, the
+                           best weights and validation history so far, the losses and the random state, from which
+                           the run continues to exactly the weights of an uninterrupted one; removed when it ends
+  <run>/result.json        written last, when the run has its test results: a rerun reads it and trains nothing
+
+A signal finishes the step, writes state.pt, prints the command that continues and exits with 128 + the signal's
+number (143 for SIGTERM, 130 for Ctrl-C); a second signal ends the process at once (util/run_guard.StopSignals).
+Every file goes through util/checkpoint's atomic writes. Exact continuation needs the data order and augmentation
+to come from the main process: with DataLoader workers (--workers > 0) a resumed run draws its augmentation from
+new worker seeds, the same distribution but not the same numbers.
+"""
+
+import dataclasses
+import itertools
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from util.checkpoint import read_checkpoint, read_json, save_checkpoint, write_json
+from util.run_guard import StopSignals
+
+# settings that change how a table runs or where it writes, not what it computes: free to differ on a rerun
+SESSION_FIELDS = ("out_dir", "figure", "redraw", "fresh", "device", "workers", "progress_interval", "state_interval")
+STATE_FILE, RESULT_FILE, SETTINGS_FILE = "state.pt", "result.json", "settings.json"
+
+
+def continue_command(script: str, argv: list[str] | None) -> str:
+    """The command line that continues a table: the same command (argv None: this process's own arguments)."""
+    return shlex.join(["python", script] + list(sys.argv[1:] if argv is None else argv))
+
+
+def check_settings(cfg) -> None:
+    """Hold a table's settings in <out_dir>/settings.json: the first run writes them; a rerun continues the table
+    only if every setting but SESSION_FIELDS is the same, else a ValueError names the first flag that differs.
+    cfg.fresh: forget the table (every run's state.pt and result.json) and start over."""
+    out_dir = Path(cfg.out_dir)
+    settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in SESSION_FIELDS}
+    if cfg.fresh:
+        for name in (STATE_FILE, RESULT_FILE):
+            for path in out_dir.glob(f"*/*/{name}"):
+                path.unlink()
+    elif (out_dir / SETTINGS_FILE).is_file():
+        held = read_json(out_dir / SETTINGS_FILE)
+        for key, value in settings.items():
+            if key in held and held[key] != value:
+                flag = f"--{key.replace('_', '-')}"
+                raise ValueError(f"--out-dir {out_dir} holds a table run with {flag} {held[key]}, not {value}: rerun "
+                                 f"with the same settings to continue it, choose another --out-dir, or pass --fresh "
+                                 f"to start this one over")
+    write_json(settings, out_dir / SETTINGS_FILE)
+
+
+def random_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_random_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Skip(torch.utils.data.Sampler):
+    """The indices of `sampler` after its first `count`: a resumed run's training batches continue where the
+    interrupted run's stopped (the samplers here are endless and seeded, so their order is a function of the seed)."""
+
+    def __init__(self, sampler, count: int):
+        self.sampler, self.count = sampler, count
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.count, None)
+
+
+class ResumableRun:
+    """One run of a table in `folder`: its result if it has finished, its state if it was interrupted, and what a
+    fit loop does after each step (state every `interval` steps; at a signal, state then exit)."""
+
+    def __init__(self, folder, interval: int, stop: StopSignals | None = None, command: str = ""):
+        self.folder, self.interval, self.stop, self.command = Path(folder), interval, stop, command
+
+    def result(self) -> dict | None:
+        path = self.folder / RESULT_FILE
+        return read_json(path) if path.is_file() else None
+
+    def state(self) -> dict | None:
+        path = self.folder / STATE_FILE
+        return read_checkpoint(path, "resumable state") if path.is_file() else None
+
+    def after_step(self, step: int, state_of) -> None:
+        """Write state_of() (a dict with the step's state) when `step` is a multiple of the interval or a signal
+        came; after a signal, say how to continue and exit (SystemExit 143 for SIGTERM, 130 for Ctrl-C)."""
+        stopping = self.stop is not None and bool(self.stop.requested)
+        if stopping or (self.interval and step % self.interval == 0):
+            save_checkpoint(self.folder / STATE_FILE, dict(state_of(), random=random_state()))
+        if stopping:
+            print(f"stopped at step {step} of {self.folder}; continue with: {self.command}", flush=True)
+            raise SystemExit(self.stop.exit_code)
+
+    def check_stop(self) -> None:
+        """Between runs: a signal that came while none was training stops here (the finished runs are kept)."""
+        if self.stop is not None and self.stop.requested:
+            print(f"stopped after {self.folder}; continue with: {self.command}", flush=True)
+            raise SystemExit(self.stop.exit_code)
+
+    def finish(self, result: dict) -> None:
+        """The run is complete: its result, written last; its resumable state is no longer needed."""
+        write_json(result, self.folder / RESULT_FILE)
+        (self.folder / STATE_FILE).unlink(missing_ok=True)
+
+
+def restore(state: dict, model, optimizer) -> tuple[int, dict, dict, list]:
+    """Load a fit loop's state into model and optimizer and the random generators; returns (step, best,
+    validations, losses) as they were after that step."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_random_state(state["random"])
+    return state["step"], state["best"], state["validations"], state["losses"]
