@@ -1,4 +1,5 @@
-"""The teaching notebooks (notebooks/*.ipynb, issue 6) run top to bottom without an error.
+"""The teaching notebooks (notebooks/*.ipynb, issue 6) run top to bottom without an error, and their stored outputs
+(rendered by `python -m tools.render_notebooks` from the default run, issue 30) come from their current code cells.
 
 Each notebook is executed by jupyter's own executor, nbclient, in a kernel started with this test's interpreter
 (the virtual environment's python, whatever kernels the machine has installed). One small synthetic world and
@@ -6,28 +7,63 @@ one short `tiny` training run are shared by all notebooks and handed to them thr
 MACO_CHECKPOINT, so the notebooks never fall back to training inside themselves and write nothing into the
 repository. The model is barely trained: this checks that the notebooks run, not what they show.
 """
-import json
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from util.notebook import code_cells_hash
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = ["01_masking_and_reconstruction.ipynb", "02_correlation_weighted_loss.ipynb",
              "03_zero_shot_classification.ipynb", "04_phrase_grounding.ipynb"]
+MAX_NOTEBOOK_BYTES = 1_000_000  # outputs small enough to read on a repository page
+MAX_STREAM_LINES = 60  # no training logs or progress bars in the stored outputs
 
 
-def test_the_four_notebooks_are_stored_without_outputs():
+def stored(name):
+    notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nbformat.validate(notebook)
+    return notebook
+
+
+def test_the_four_notebooks_are_stored_with_outputs_rendered_from_their_current_code_cells():
     assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == NOTEBOOKS
     for name in NOTEBOOKS:
-        notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-        nbformat.validate(notebook)
+        notebook = stored(name)
         code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
         assert code_cells, name
-        for cell in code_cells:
-            assert cell.outputs == [] and cell.execution_count is None, f"{name}: strip the outputs before committing"
+        rendered = notebook.metadata.get("rendered")
+        assert rendered, f"{name}: no rendering recorded; run python -m tools.render_notebooks"
+        assert rendered["code_cells_sha256"] == code_cells_hash(notebook), \
+            f"{name}: a code cell changed after its outputs were rendered; run python -m tools.render_notebooks"
+        assert {"checkpoint", "precision", "cpu", "commit"} <= set(rendered), name
+        assert all(cell.execution_count is not None for cell in code_cells), f"{name}: a code cell was not run"
+        assert not any(output.output_type == "error" for cell in code_cells for output in cell.outputs), name
+
+
+def test_the_stored_outputs_show_figures_and_stay_small():
+    for name in NOTEBOOKS:
+        notebook = stored(name)
+        outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+        assert any("image/png" in output.get("data", {}) for output in outputs), f"{name}: no figure stored"
+        assert (NOTEBOOK_DIR / name).stat().st_size < MAX_NOTEBOOK_BYTES, name
+        for output in outputs:
+            if output.output_type == "stream":
+                assert output.text.count("\n") <= MAX_STREAM_LINES, f"{name}: a long log in the stored outputs"
+
+
+def test_the_code_cell_hash_changes_with_any_code_cell_and_not_with_prose():
+    notebook = stored(NOTEBOOKS[0])
+    before = code_cells_hash(notebook)
+    markdown = next(cell for cell in notebook.cells if cell.cell_type == "markdown")
+    markdown.source += "\nMore prose."
+    assert code_cells_hash(notebook) == before
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"][-1]
+    code.source += "\n"
+    assert code_cells_hash(notebook) != before
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +85,9 @@ def notebook_inputs(tmp_path_factory):
 
 @pytest.fixture()
 def kernel_manager(tmp_path):
-    """A kernel manager whose only kernel runs `sys.executable -m ipykernel_launcher`: the kernel imports the
-    same environment as this test, even where a user-level "python3" kernelspec points elsewhere."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-
-    spec = tmp_path / "kernels" / "maco-test"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "MaCo test kernel", "language": "python"}))
-    return KernelManager(kernel_name="maco-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]))
+    """A kernel of this test's interpreter (util/notebook.py: the same environment as the test)."""
+    from util.notebook import kernel_manager
+    return kernel_manager(tmp_path)
 
 
 @pytest.mark.slow
