@@ -10,7 +10,8 @@ patch grid (as the released UPerNet segmentation and ViTDet detection read MaCo'
   layer_decay_groups  AdamW parameter groups with layer-wise learning-rate decay (BEiT / MAE practice) and the
                       weight-decay exemptions of one of three rules
 
-and the choice of encoders a fine-tuning script compares (finetune.py, segment.py, detect.py): the pretrained one
+the training loop both run (`fit_dense`: AdamW, validation-based selection, a resumable state), and the choice of
+encoders a fine-tuning script compares (finetune.py, segment.py, detect.py): the pretrained one
 (`--ckpt`: a train.py checkpoint or the released maco.pth; `--init`: MAE's ImageNet weights) against a random one of
 the same shape (`--scratch`).
 
@@ -19,7 +20,9 @@ brought), so resizing replaces that buffer with the interpolated one: still a bu
 `resize_pos_embed(..., trainable=True)` turns it into a parameter instead (its state-dict key stays `pos_embed`).
 """
 
+import copy
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import check_writable
 from util.devices import describe_precision, pick_device, resolve_precision
+from util.progress import Progress
+from util.resume import ResumableRun, restore
 from vit import VisionTransformer
 
 RELEASED_BLOCKS = (3, 5, 7, 11)  # the released out_indices of ViT-B's 12 blocks (blocks 4, 6, 8 and 12)
@@ -178,6 +183,47 @@ def layer_decay_groups(encoder: VisionTransformer, others: nn.Module, weight_dec
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return [groups[key] for key in sorted(groups)]
+
+
+def fit_dense(model: nn.Module, groups: list[dict], batches, setting, loss_of, lr_at, validate, desc: str = "",
+              metric: str = "val", run: ResumableRun | None = None, state: dict | None = None) -> dict:
+    """The training loop of segment.py and detect.py: AdamW (0.9, 0.999) over the layer-decay `groups`; each step
+    the lr lr_at(0-based step) x the group's lr_scale, one batch from `batches`, loss_of(batch) (forward and loss,
+    a scalar tensor), a backward and an optimizer step. Validation (validate(): a score, higher is better) at step
+    0, every setting.eval_interval steps and at the end; the best weights are loaded back at the end
+    (setting.test_weights "best"; "last" keeps the last step's). `run`: writes the resumable state after the steps
+    it says; `state`: an interrupted run's, to continue from (`batches` must continue where it stopped). Returns
+    {best_step, best_val, losses (one per step), validations {step: score}}."""
+    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
+    if state is not None:
+        start, best, validations, losses = restore(state, model, optimizer)
+    else:
+        start, best = 0, dict(best_step=0, best_val=validate(), state=copy.deepcopy(model.state_dict()))
+        validations, losses = {0: best["best_val"]}, []
+    progress = Progress(setting.steps, desc, start, setting.progress_interval)
+    model.train()
+    for step in range(start + 1, setting.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1) * group["lr_scale"]
+        loss = loss_of(next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % setting.eval_interval == 0 or step == setting.steps:
+            validations[step] = score = validate()
+            if score > best["best_val"] or math.isnan(best["best_val"]):
+                best.update(best_step=step, best_val=score, state=copy.deepcopy(model.state_dict()))
+            progress.update(0, **{metric: f"{score:.3f}"})
+        progress.update(loss=f"{losses[-1]:.4f}")
+        if run is not None:
+            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                              best=best, validations=validations, losses=losses))
+    progress.close()
+    weights = best.pop("state")
+    if setting.test_weights == "best":
+        model.load_state_dict(weights)
+    return dict(best, losses=losses, validations=validations)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from backbone import (
     DECAY_EXEMPTIONS,
     ViTBackbone,
     check_encoder_flags,
+    fit_dense,
     layer_decay_groups,
     recipe_settings,
     resize_pos_embed,
@@ -57,8 +58,7 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import box_ap_metrics, interval_table
-from util.progress import Progress
-from util.resume import ResumableRun, Skip, check_settings, continue_command, restore
+from util.resume import ResumableRun, Skip, check_settings, continue_command
 from util.run_guard import OutDirLock, StopSignals
 
 # (peak lr, iterations, warm-up iterations, validation interval) per percentage of the training images: the released
@@ -475,47 +475,19 @@ def true_boxes(items: list[eval_datasets.BoxedImage], size: int) -> list[np.ndar
 
 def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, desc: str,
         run: ResumableRun | None = None, state: dict | None = None) -> dict:
-    """AdamW with layer-wise lr decay on the sum of Faster R-CNN's four losses (RPN objectness and box, RoI class
-    and box). Validation AP at iteration 0, every setting.eval_interval iterations and at the end; the best weights are
-    loaded back (setting.test_weights "best"; "last" keeps the last iteration's). `run`: writes the resumable state
-    after the iterations it says; `state`: an interrupted run's, to continue from (`batches` must continue where it
-    stopped). Returns {best_step, best_val_ap, losses (one per iteration), validations {step: AP}}."""
-    groups = layer_decay_groups(model.backbone.vit.encoder, model, setting.weight_decay, setting.layer_decay,
-                                setting.decay_exempt)
-    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
-    if state is not None:
-        start, best, validations, losses = restore(state, model, optimizer)
-    else:
-        start, best = 0, dict(best_step=0, best_val_ap=validate(), state=copy.deepcopy(model.state_dict()))
-        validations, losses = {0: best["best_val_ap"]}, []
-    progress = Progress(setting.steps, desc, start, setting.progress_interval)
-    model.train()
-    for step in range(start + 1, setting.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = setting.lr * lr_factor(step - 1, setting.warmup_steps, setting.steps) * group["lr_scale"]
-        images, targets = next(batches)
+    """backbone.fit_dense with layer-wise lr decay (setting.layer_decay, decay_exempt), the released warm-up and
+    cosine, the sum of Faster R-CNN's four losses (RPN objectness and box, RoI class and box); validate(): box AP."""
+    def loss_of(batch):
+        images, targets = batch
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets]
         with autocast(device, setting.precision):
-            loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % setting.eval_interval == 0 or step == setting.steps:
-            validations[step] = ap = validate()
-            if ap > best["best_val_ap"] or math.isnan(best["best_val_ap"]):
-                best.update(best_step=step, best_val_ap=ap, state=copy.deepcopy(model.state_dict()))
-            progress.update(0, **{"val AP": f"{ap:.3f}"})
-        progress.update(loss=f"{losses[-1]:.4f}")
-        if run is not None:
-            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              best=best, validations=validations, losses=losses))
-    progress.close()
-    weights = best.pop("state")
-    if setting.test_weights == "best":
-        model.load_state_dict(weights)
-    return dict(best, losses=losses, validations=validations)
+            return sum(model(images, targets).values())
+    groups = layer_decay_groups(model.backbone.vit.encoder, model, setting.weight_decay, setting.layer_decay,
+                                setting.decay_exempt)
+    return fit_dense(model, groups, batches, setting, loss_of,
+                     lambda i: setting.lr * lr_factor(i, setting.warmup_steps, setting.steps), validate, desc,
+                     "val AP", run, state)
 
 
 def run_dir(setting: DetectConfig, init: dict) -> Path:
@@ -579,7 +551,7 @@ def train_and_test(init: dict, data: dict, setting: DetectConfig, device,
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(len(item.boxes)) for item in data["train"]),
                   train_boxes=sum(len(item.boxes) for item in data["train"]), val_images=len(data["val"]),
-                  best_step=history["best_step"], tested_step=tested_step, val_ap=history["best_val_ap"],
+                  best_step=history["best_step"], tested_step=tested_step, val_ap=history["best_val"],
                   validations=history["validations"],
                   first_loss=losses[0] if losses else None, last_loss=float(np.mean(losses[-5:])) if losses else None,
                   seconds=round(time.time() - began, 1), weights=str(weights), test=test)

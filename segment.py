@@ -35,11 +35,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from backbone import (
-    LAYER_IDS,
     DECAY_EXEMPTIONS,
+    LAYER_IDS,
     ViTBackbone,
     block_indices_for,
     check_encoder_flags,
+    fit_dense,
     layer_decay_groups,
     recipe_settings,
     resize_pos_embed,
@@ -53,8 +54,7 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
-from util.progress import Progress
-from util.resume import ResumableRun, Skip, check_settings, continue_command, restore
+from util.resume import ResumableRun, Skip, check_settings, continue_command
 from util.run_guard import OutDirLock, StopSignals
 
 # (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
@@ -554,50 +554,21 @@ def loader(dataset, setting: SegmentConfig, device, sampler=None):
 
 def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "",
         run: ResumableRun | None = None, state: dict | None = None) -> dict:
-    """AdamW with layer-wise lr decay on focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4). Validation (validate():
-    the Dice of setting.select_by) at step 0, every setting.eval_interval steps and at the end; the best weights are
-    loaded back at the end (setting.test_weights "best"; "last" keeps the last step's). `run`: writes the
-    resumable state after the steps it says; `state`: an interrupted run's, to continue from (`batches` must
-    continue where it stopped). Returns {best_step, best_val_dice, losses (one per step), validations {step: Dice}}."""
-    groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay,
-                                setting.decay_exempt, setting.layer_ids)
-    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
-    if state is not None:
-        start, best, validations, losses = restore(state, model, optimizer)
-    else:
-        start, best = 0, dict(best_step=0, best_val_dice=validate(), state=copy.deepcopy(model.state_dict()))
-        validations, losses = {0: best["best_val_dice"]}, []
-    progress = Progress(setting.steps, desc, start, setting.progress_interval)
-    model.train()
-    for step in range(start + 1, setting.steps + 1):
-        lr = segment_lr(step - 1, setting.lr, setting.warmup_steps, setting.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        images, masks = next(batches)
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    """backbone.fit_dense with layer-wise lr decay (setting.layer_decay, layer_ids, decay_exempt), mmcv's poly
+    schedule, focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4); validate(): the Dice of setting.select_by."""
+    def loss_of(batch):
+        images, masks = (tensor.to(device, non_blocking=True) for tensor in batch)
         with autocast(device, setting.precision):
             logits, aux_logits = model(images)
         loss = segmentation_loss(logits, masks, dice=setting.dice)
         if aux_logits is not None:
             loss = loss + segmentation_loss(aux_logits, masks, focal_weight=0.8, dice_weight=0.4, dice=setting.dice)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step % setting.eval_interval == 0 or step == setting.steps:
-            validations[step] = dice = validate()
-            if dice > best["best_val_dice"]:
-                best.update(best_step=step, best_val_dice=dice, state=copy.deepcopy(model.state_dict()))
-            progress.update(0, **{f"val {setting.select_by}": f"{dice:.3f}"})
-        progress.update(loss=f"{losses[-1]:.4f}")
-        if run is not None:
-            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              best=best, validations=validations, losses=losses))
-    progress.close()
-    weights = best.pop("state")
-    if setting.test_weights == "best":
-        model.load_state_dict(weights)
-    return dict(best, losses=losses, validations=validations)
+        return loss
+    groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay,
+                                setting.decay_exempt, setting.layer_ids)
+    return fit_dense(model, groups, batches, setting, loss_of,
+                     lambda i: segment_lr(i, setting.lr, setting.warmup_steps, setting.steps), validate, desc,
+                     f"val {setting.select_by}", run, state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -639,7 +610,7 @@ def train_and_test(init: dict, data: dict, setting: SegmentConfig, masks: dict, 
                   init=init["name"], init_label=init["label"], train_images=len(data["train"]),
                   train_positives=sum(bool(item.rle) for item in data["train"]), val_images=len(data["val"]),
                   best_step=history["best_step"], tested_step=tested_step, select_by=setting.select_by,
-                  val_dice=history["best_val_dice"],
+                  val_dice=history["best_val"],
                   validations=history["validations"], first_loss=losses[0] if losses else None,
                   last_loss=float(np.mean(losses[-5:])) if losses else None, split_notes=data["notes"],
                   seconds=round(time.time() - began, 1), weights=str(weights),
