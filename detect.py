@@ -58,7 +58,7 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import box_ap_metrics, interval_table
-from util.resume import ResumableRun, Skip, check_settings, continue_command
+from util.resume import ResumableRun, Skip, claim, continue_command
 from util.run_guard import OutDirLock, StopSignals
 
 # (peak lr, iterations, warm-up iterations, validation interval) per percentage of the training images: the released
@@ -159,7 +159,7 @@ class DetectConfig:
     examples: int = option(4, "test images drawn with their true and predicted boxes", minimum=0)
     out_dir: str = option("runs/detect", "where metrics.json, weights and the figure go; rerunning the same command on "
                           "the same folder continues its table (finished runs are kept, an interrupted one resumes)")
-    fresh: bool = option(False, "start the table in --out-dir over instead of continuing it")
+    fresh: bool = option(False, "start the runs of this command over instead of continuing them")
     state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
                                  "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
     progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
@@ -563,14 +563,16 @@ def run_experiment(cfg: DetectConfig, stop: StopSignals | None = None, command: 
     metrics.json and the figure; returns the summary."""
     start = time.time()
     runs, device, out_dir, inits = set_up_runs(cfg, resolve(cfg))
-    check_settings(cfg)
+    table = {(setting.recipe, init["name"]): ResumableRun(run_dir(setting, init), setting, cfg.state_interval, stop,
+                                                          command) for setting in runs for init in inits}
+    claim(list(table.values()), cfg.fresh)
     results, examples = [], []
     for setting in runs:
         data = load_data(setting)
         print(f"{setting.recipe}: {len(data['train'])} training images ({sum(len(i.boxes) for i in data['train'])} boxes), "
               f"{len(data['val'])} validation, {len(data['test'])} test images with pneumonia", flush=True)
         for init in inits:
-            run = ResumableRun(run_dir(setting, init), cfg.state_interval, stop, command)
+            run = table[(setting.recipe, init["name"])]
             result = run.result()
             if result is None:
                 result, shown = train_and_test(init, data, setting, device, run)

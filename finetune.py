@@ -48,7 +48,7 @@ from util.devices import PRECISIONS, autocast, describe_precision, pick_device, 
 from util.metrics import classification_metrics, macro_auc
 from util.progress import Progress, track
 from util.released import read_weights
-from util.resume import ResumableRun, Skip, check_settings, continue_command, restore
+from util.resume import ResumableRun, Skip, claim, continue_command, restore
 from util.run_guard import OutDirLock, StopSignals
 from vit import VisionTransformer
 
@@ -125,7 +125,7 @@ class FinetuneConfig:
     out_dir: str = option("runs/finetune", "where metrics.json, the best weights and the ROC plots go; rerunning the "
                           "same command on the same folder continues its table (finished runs are kept, an "
                           "interrupted one resumes)")
-    fresh: bool = option(False, "start the table in --out-dir over instead of continuing it")
+    fresh: bool = option(False, "start the runs of this command over instead of continuing them")
     state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
                                  "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
     progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
@@ -544,9 +544,12 @@ def run_experiment(cfg: FinetuneConfig, stop: StopSignals | None = None, command
     check_writable(cfg.out_dir, "--out-dir")
     check_writable(Path(runs[0].figure).parent, "--figure")
     inits = initialisations(runs[0])
-    check_settings(cfg)
     # the probe first: with --probe-head, fine-tuning starts from its head
     modes = {True: ["linear-probe"], False: ["finetune"], None: ["linear-probe", "finetune"]}[runs[0].linear_probe]
+    table = {(setting.recipe, init["name"], mode): ResumableRun(run_dir(setting, init, mode), setting,
+                                                                cfg.state_interval, stop, command)
+             for setting in runs for init in inits for mode in modes}
+    claim(list(table.values()), cfg.fresh)
     caches = {init["name"]: {} for init in inits}  # frozen features per initialisation, shared by the fractions
     results = []
     for setting in runs:
@@ -558,7 +561,7 @@ def run_experiment(cfg: FinetuneConfig, stop: StopSignals | None = None, command
             probe = None
             for mode in modes:
                 began = time.time()
-                run = ResumableRun(run_dir(setting, init, mode), cfg.state_interval, stop, command)
+                run = table[(setting.recipe, init["name"], mode)]
                 result = run.result()
                 if result is not None:
                     print(f"{setting.recipe} {init['name']} {mode}: finished earlier ({run.folder / 'result.json'})")

@@ -54,7 +54,7 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
-from util.resume import ResumableRun, Skip, check_settings, continue_command
+from util.resume import ResumableRun, Skip, claim, continue_command
 from util.run_guard import OutDirLock, StopSignals
 
 # (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
@@ -143,7 +143,7 @@ class SegmentConfig:
     overlays: int = option(4, "test images drawn with their predicted and true masks", minimum=0)
     out_dir: str = option("runs/segment", "where metrics.json, weights and figures go; rerunning the same command on "
                           "the same folder continues its table (finished runs are kept, an interrupted one resumes)")
-    fresh: bool = option(False, "start the table in --out-dir over instead of continuing it")
+    fresh: bool = option(False, "start the runs of this command over instead of continuing them")
     state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
                                  "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
     progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
@@ -630,14 +630,16 @@ def run_experiment(cfg: SegmentConfig, stop: StopSignals | None = None, command:
     metrics.json and the figures; returns the summary."""
     start = time.time()
     runs, device, out_dir, inits = set_up_runs(cfg, resolve(cfg))
-    check_settings(cfg)
+    table = {(setting.recipe, init["name"]): ResumableRun(run_dir(setting, init), setting, cfg.state_interval, stop,
+                                                          command) for setting in runs for init in inits}
+    claim(list(table.values()), cfg.fresh)
     masks, results, examples = {}, [], {}
     for setting in runs:
         data = load_data(setting)
         for split in ("train", "val", "test"):
             decode_masks(data[split], setting.img_size, masks)
         for init in inits:
-            run = ResumableRun(run_dir(setting, init), cfg.state_interval, stop, command)
+            run = table[(setting.recipe, init["name"])]
             result = run.result()
             if result is None:
                 result, overlays = train_and_test(init, data, setting, masks, device, run)

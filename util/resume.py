@@ -2,12 +2,15 @@
 detect.py run a table of runs (recipe x initialisation, x mode for finetune.py), each in its own folder
 <out-dir>/<recipe>/<run>/, and rerunning the same command on the same --out-dir continues the table:
 
-  <out-dir>/settings.json  the table's settings, written when it starts; a rerun whose settings differ (apart from
-                           SESSION_FIELDS) stops with an error naming the flag, and --fresh starts over
+  <run>/settings.json      the run's settings, written before it starts: a command that would run it with other
+                           settings (apart from SESSION_FIELDS and TABLE_FIELDS) while it holds a state or a result
+                           stops with an error naming the flag; --fresh starts its runs over
   <run>/state.pt           every --state-interval steps and at SIGTERM or Ctrl-C: the step, weights, optimiser, the
                            best weights and validation history so far, the losses and the random state, from which
                            the run continues to exactly the weights of an uninterrupted one; removed when it ends
-  <run>/result.json        written last, when the run has its test results: a rerun reads it and trains nothing
+  <run>/result.json        written last, when the run has its test results: a rerun reads it and trains nothing,
+                           also from a command whose table includes it (segment.py --recipe synthetic-1 after
+                           segment.py --recipe synthetic)
 
 A signal finishes the step, writes state.pt, prints the command that continues and exits with 128 + the signal's
 number (143 for SIGTERM, 130 for Ctrl-C); a second signal ends the process at once (util/run_guard.StopSignals).
@@ -27,8 +30,9 @@ import torch
 from util.checkpoint import read_checkpoint, read_json, save_checkpoint, write_json
 from util.run_guard import StopSignals
 
-# settings that change how a table runs or where it writes, not what it computes: free to differ on a rerun
+# settings that change how a table runs or where it writes, not what a run computes: free to differ on a rerun
 SESSION_FIELDS = ("out_dir", "figure", "redraw", "fresh", "device", "workers", "progress_interval", "state_interval")
+TABLE_FIELDS = ("recipe", "scratch", "linear_probe")  # which runs a table holds (a run's folder names its recipe)
 STATE_FILE, RESULT_FILE, SETTINGS_FILE = "state.pt", "result.json", "settings.json"
 
 
@@ -37,25 +41,23 @@ def continue_command(script: str, argv: list[str] | None) -> str:
     return shlex.join(["python", script] + list(sys.argv[1:] if argv is None else argv))
 
 
-def check_settings(cfg) -> None:
-    """Hold a table's settings in <out_dir>/settings.json: the first run writes them; a rerun continues the table
-    only if every setting but SESSION_FIELDS is the same, else a ValueError names the first flag that differs.
-    cfg.fresh: forget the table (every run's state.pt and result.json) and start over."""
-    out_dir = Path(cfg.out_dir)
-    settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key not in SESSION_FIELDS}
-    if cfg.fresh:
-        for name in (STATE_FILE, RESULT_FILE):
-            for path in out_dir.glob(f"*/*/{name}"):
-                path.unlink()
-    elif (out_dir / SETTINGS_FILE).is_file():
-        held = read_json(out_dir / SETTINGS_FILE)
-        for key, value in settings.items():
-            if key in held and held[key] != value:
-                flag = f"--{key.replace('_', '-')}"
-                raise ValueError(f"--out-dir {out_dir} holds a table run with {flag} {held[key]}, not {value}: rerun "
-                                 f"with the same settings to continue it, choose another --out-dir, or pass --fresh "
-                                 f"to start this one over")
-    write_json(settings, out_dir / SETTINGS_FILE)
+def claim(runs: list["ResumableRun"], fresh: bool) -> None:
+    """Before a table starts: every run's folder either holds nothing to continue, or holds the same settings (a
+    ValueError names the first flag that differs, before any work); fresh: forget what they hold. Then each
+    folder's settings.json says what it is about to hold."""
+    for run in runs:
+        if fresh:
+            for name in (STATE_FILE, RESULT_FILE):
+                (run.folder / name).unlink(missing_ok=True)
+        elif (run.folder / SETTINGS_FILE).is_file() and run.has_work():
+            held = read_json(run.folder / SETTINGS_FILE)
+            for key, value in run.settings.items():
+                if key in held and held[key] != value:
+                    raise ValueError(f"{run.folder} holds a run with --{key.replace('_', '-')} {held[key]}, not "
+                                     f"{value}: rerun with the same settings to continue it, pass --fresh to start "
+                                     f"it over, or choose another --out-dir")
+    for run in runs:
+        write_json(run.settings, run.folder / SETTINGS_FILE)
 
 
 def random_state() -> dict:
@@ -81,11 +83,17 @@ class Skip(torch.utils.data.Sampler):
 
 
 class ResumableRun:
-    """One run of a table in `folder`: its result if it has finished, its state if it was interrupted, and what a
-    fit loop does after each step (state every `interval` steps; at a signal, state then exit)."""
+    """One run of a table in `folder`, made with `setting` (its script's config, the recipe filled in): its result
+    if it has finished, its state if it was interrupted, and what a fit loop does after each step (state every
+    `interval` steps; at a signal, state then exit)."""
 
-    def __init__(self, folder, interval: int, stop: StopSignals | None = None, command: str = ""):
+    def __init__(self, folder, setting, interval: int, stop: StopSignals | None = None, command: str = ""):
         self.folder, self.interval, self.stop, self.command = Path(folder), interval, stop, command
+        self.settings = {key: value for key, value in dataclasses.asdict(setting).items()
+                         if key not in SESSION_FIELDS + TABLE_FIELDS}
+
+    def has_work(self) -> bool:
+        return (self.folder / STATE_FILE).is_file() or (self.folder / RESULT_FILE).is_file()
 
     def result(self) -> dict | None:
         path = self.folder / RESULT_FILE
