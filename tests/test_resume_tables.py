@@ -42,8 +42,8 @@ def table_args(script: str, root, ckpt, out) -> list[str]:
 
 SCRIPTS = {"segment": segment.main, "detect": detect.main, "finetune": finetune.main}
 # (kind, file, occurrence): a SIGKILL inside the occurrence-th write of that file, half of it written
-WRITERS = {"segment": ["settings.json", "state.pt", "best.pt", "test_outputs.npz", "overlays.npz", "result.json",
-                       "metrics.json", "segmentation.png"],
+WRITERS = {"segment": ["settings.json", "state.pt", "best.pt", "test_outputs.npz", "overlays.png", "overlays.npz",
+                       "result.json", "metrics.json", "examples.npz", "segmentation.png"],
            "detect": ["settings.json", "state.pt", "best.pt", "test_outputs.npz", "result.json", "metrics.json",
                       "detection.png"],
            "finetune": ["settings.json", "state.pt", "best.pt", "test_outputs.npz", "roc_curves.png", "result.json",
