@@ -200,7 +200,7 @@ def fit_dense(model: nn.Module, groups: list[dict], batches, setting, loss_of, l
     else:
         start, best = 0, dict(best_step=0, best_val=validate(), state=copy.deepcopy(model.state_dict()))
         validations, losses = {0: best["best_val"]}, []
-    progress = Progress(setting.steps, desc, start, setting.progress_interval)
+    progress = Progress(setting.steps, desc, start)
     model.train()
     for step in range(start + 1, setting.steps + 1):
         for group in optimizer.param_groups:
@@ -209,21 +209,22 @@ def fit_dense(model: nn.Module, groups: list[dict], batches, setting, loss_of, l
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no host sync per step: floats when the state is written, and at the end
         if step % setting.eval_interval == 0 or step == setting.steps:
             validations[step] = score = validate()
             if score > best["best_val"] or math.isnan(best["best_val"]):
                 best.update(best_step=step, best_val=score, state=copy.deepcopy(model.state_dict()))
             progress.update(0, **{metric: f"{score:.3f}"})
-        progress.update(loss=f"{losses[-1]:.4f}")
+        progress.update(loss=losses[-1])
         if run is not None:
             run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              best=best, validations=validations, losses=losses))
+                                              best=best, validations=validations,
+                                              losses=[float(x) for x in losses]))
     progress.close()
     weights = best.pop("state")
     if setting.test_weights == "best":
         model.load_state_dict(weights)
-    return dict(best, losses=losses, validations=validations)
+    return dict(best, losses=[float(x) for x in losses], validations=validations)
 
 
 # ----------------------------------------------------------------------------------------------------------

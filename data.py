@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from util.checkpoint import WriteError, read_json, write_atomic
 from util.cli import check_options, option, run_script
-from util.progress import Progress
+from util.progress import Progress, lines_every
 from util.run_guard import OutDirLock
 from util.tokenizer import encode_texts
 
@@ -545,10 +545,9 @@ def create_image_store(path: Path, shape: tuple) -> None:
         raise WriteError.of(path, error) from None
 
 
-def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0,
-                progress_interval: float = 30.0) -> Path:
+def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers: int = 0) -> Path:
     """Resize each image of `dataset` once, at its image_size and resize mode, into `out`; resumable, memory
-    bounded by a few chunks. Progress: a bar on a terminal, else a line every `progress_interval` seconds.
+    bounded by a few chunks.
 
     Files: ids.txt (image ids, row order), images.npy (uint8 (N, S, S) memory map), status.npy (per row:
     0 pending, 1 cached, 2 unreadable), meta.json (written last at creation: the store is complete), and
@@ -577,7 +576,7 @@ def build_cache(dataset: ImageReportDataset, out, chunk_size: int = 256, workers
     paths = [path for _, path, _ in dataset.items]
     loader = DataLoader(range(done, len(ids)), batch_size=chunk_size, num_workers=workers,
                         collate_fn=functools.partial(_load_chunk, paths=paths, size=size, resize=resize))
-    with Progress(len(ids), f"cache {out}", initial=done, interval=progress_interval, unit="img") as progress:
+    with Progress(len(ids), f"cache {out}", initial=done, unit="img") as progress:
         for chunk in loader:
             for index, pixels in chunk:
                 if pixels is not None:
@@ -619,8 +618,8 @@ def cache_command(config: CacheConfig) -> None:
     else:
         dataset = OpenI(config.root, image_size=config.size, resize=config.resize)
     out = config.out or Path(config.root) / f"cache-{config.size}"
-    with OutDirLock(out, "cache folder (pass --out to put it elsewhere)"):
-        build_cache(dataset, out, config.chunk_size, config.workers, config.progress_interval)
+    with OutDirLock(out, "cache folder (pass --out to put it elsewhere)"), lines_every(config.progress_interval):
+        build_cache(dataset, out, config.chunk_size, config.workers)
 
 
 def main(argv=None) -> int:

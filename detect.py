@@ -58,6 +58,7 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import box_ap_metrics, interval_table
+from util.progress import lines_every
 from util.resume import ResumableRun, Skip, claim, continue_command
 from util.run_guard import OutDirLock, StopSignals
 
@@ -633,7 +634,7 @@ def plot_examples(rows: list, path, top: int = 3) -> None:
 def main(argv=None) -> int:
     def body(cfg: DetectConfig) -> None:
         # a second detect.py on the same folder stops at once; SIGTERM or Ctrl-C: state, then exit 143 / 130
-        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop:
+        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop, lines_every(cfg.progress_interval):
             summary = run_experiment(cfg, stop, continue_command("detect.py", argv))
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights "

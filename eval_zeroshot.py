@@ -45,7 +45,7 @@ from util.metrics import (
     roc_curve,
     to_numpy,
 )
-from util.progress import track
+from util.progress import lines_every, track
 from util.tokenizer import encode_texts
 
 # Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
@@ -192,14 +192,12 @@ def _loader(dataset, batch_size: int, workers: int):
 
 @torch.no_grad()
 def zero_shot_predictions(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
-                          cosine: bool = False, batch_size: int = 32, workers: int = 0,
-                          progress_interval: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, C) and labels (N, C) over a dataset of (image, labels) pairs, in dataset order.
-    Progress: a bar on a terminal, else a line every `progress_interval` seconds."""
+                          cosine: bool = False, batch_size: int = 32, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, C) and labels (N, C) over a dataset of (image, labels) pairs, in dataset order."""
     model.eval()
     positive, negative = class_embeddings(model, tokenizer, class_prompts(class_names, prompt_set))
     all_scores, all_labels = [], []
-    for images, labels in track(_loader(dataset, batch_size, workers), "zero-shot", interval=progress_interval):
+    for images, labels in track(_loader(dataset, batch_size, workers), "zero-shot"):
         _, image_emb = model.encode_image(images.to(_model_device(model)))
         all_scores.append(prompt_scores(image_emb, positive, negative, cosine).cpu())
         all_labels.append(labels)
@@ -208,10 +206,10 @@ def zero_shot_predictions(model, tokenizer, dataset, class_names: list[str], pro
 
 def evaluate_zero_shot(model, tokenizer, dataset, class_names: list[str], prompt_set: str = "default",
                        cosine: bool = False, batch_size: int = 32, workers: int = 0, n_boot: int = 1000,
-                       seed: int = 0, out_dir=None, progress_interval: float = 30.0) -> dict:
+                       seed: int = 0, out_dir=None) -> dict:
     """Zero-shot metrics over a dataset of (image, labels) pairs; with `out_dir`, also roc_curves.png there."""
     scores, labels = zero_shot_predictions(model, tokenizer, dataset, class_names, prompt_set, cosine, batch_size,
-                                           workers, progress_interval)
+                                           workers)
     metrics = classification_metrics(labels, scores, class_names, n_boot, seed)
     metrics.update(prompt_set=prompt_set, scoring="cosine" if cosine else "dot")
     if out_dir is not None:
@@ -258,9 +256,8 @@ PHRASES = ("true", "swapped", "prior_only")  # its own phrase, another finding's
 
 @torch.no_grad()
 def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers: int = 0, out_dir=None,
-                       n_overlays: int = 8, readout: str = READOUTS[0], progress_interval: float = 30.0) -> dict:
+                       n_overlays: int = 8, readout: str = READOUTS[0]) -> dict:
     """Grounding metrics over a `eval_datasets.GroundingDataset`; with `out_dir`, overlays of the first pairs.
-    Progress: a bar on a terminal, else a line every `progress_interval` seconds.
 
     Phrase specificity: every pair is scored three times on the same image, with its own phrase (the headline
     rows), with the phrase of a different finding (`swapped`, see swapped_phrases) and with the empty phrase
@@ -277,7 +274,7 @@ def evaluate_grounding(model, tokenizer, dataset, batch_size: int = 16, workers:
     prior = model.spatial_prior()  # (N,)
     scored = {(r, c): [] for r in READOUTS for c in PHRASES}
     skipped, start = 0, 0
-    for batch in track(_loader(dataset, batch_size, workers), "grounding", interval=progress_interval):
+    for batch in track(_loader(dataset, batch_size, workers), "grounding"):
         n = len(batch["phrase"])
         patch_emb, _ = model.encode_image(batch["image"].to(_model_device(model)))  # (B, N, D)
         phrase_embs = {"true": phrase_embeddings(model, tokenizer, list(batch["phrase"])),
@@ -414,16 +411,15 @@ def run_evaluation(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     precision = resolve_precision(cfg.precision, device)
     results = dict(data=cfg.data, root=str(cfg.root), checkpoint=cfg.ckpt, precision=precision,
                    config=dataclasses.asdict(cfg))
-    with autocast(device, precision):
+    with autocast(device, precision), lines_every(cfg.progress_interval):
         if zero_shot is not None:
             dataset, class_names, prompt_set = zero_shot
             prompt_set = cfg.prompts or prompt_set
             results["zero_shot"] = evaluate_zero_shot(model, tokenizer, dataset, class_names, prompt_set, cfg.cosine,
-                                                      cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out,
-                                                      cfg.progress_interval)
+                                                      cfg.batch_size, cfg.workers, cfg.n_boot, cfg.seed, cfg.out)
         if grounding is not None:
             results["grounding"] = evaluate_grounding(model, tokenizer, grounding, cfg.batch_size, cfg.workers,
-                                                      cfg.out, cfg.overlays, cfg.readout, cfg.progress_interval)
+                                                      cfg.out, cfg.overlays, cfg.readout)
     write_json(results, Path(cfg.out) / "metrics.json")
     return results
 

@@ -46,7 +46,7 @@ from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, wr
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import classification_metrics, macro_auc
-from util.progress import Progress, track
+from util.progress import Progress, lines_every, track
 from util.released import read_weights
 from util.resume import ResumableRun, Skip, claim, continue_command, restore
 from util.run_guard import OutDirLock, StopSignals
@@ -377,7 +377,7 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
         save(0, best["best_val_auc"])
         validations, losses = {0: best["best_val_auc"]}, []
     eval_interval = setting.eval_interval or 10 * epoch_steps
-    progress = Progress(steps, desc, start, setting.progress_interval)
+    progress = Progress(steps, desc, start)
     model.train()
     for step in range(start + 1, steps + 1):
         for group in optimizer.param_groups:
@@ -390,20 +390,21 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, setting.clip_grad)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no host sync per step: floats when the state is written, and at the end
         if step % eval_interval == 0 or step == steps:
             validations[step] = auc = validate()
             if auc > best["best_val_auc"] or math.isnan(best["best_val_auc"]):
                 best.update(best_step=step, best_val_auc=auc, state=copy.deepcopy(model.state_dict()))
                 save(step, auc)
             progress.update(0, **{"val AUC": f"{auc:.3f}"})
-        progress.update(loss=f"{losses[-1]:.4f}")
+        progress.update(loss=losses[-1])
         if run is not None:
             run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              best=best, validations=validations, losses=losses))
+                                              best=best, validations=validations,
+                                              losses=[float(x) for x in losses]))
     progress.close()
     model.load_state_dict(best.pop("state"))
-    return dict(best, losses=losses, validations=validations)
+    return dict(best, losses=[float(x) for x in losses], validations=validations)
 
 
 def loader(dataset, batch_size: int, setting: FinetuneConfig, device, sampler=None):
@@ -456,8 +457,7 @@ def features_of(model: Classifier, items, setting: FinetuneConfig, device, cache
         dataset = FinetuneDataset(todo, setting.img_size, model.encoder.patch_embed.proj.in_channels)
         model.eval()
         done = 0
-        for images, _ in track(loader(dataset, setting.batch_size, setting, device), "features",
-                               interval=setting.progress_interval):
+        for images, _ in track(loader(dataset, setting.batch_size, setting, device), "features"):
             with autocast(device, setting.precision):
                 feats = model.features(images.to(device)).float().cpu()
             for item, feature in zip(todo[done:done + len(feats)], feats):
@@ -655,7 +655,7 @@ def plot_label_efficiency(results: list[dict], path) -> None:
 def main(argv=None) -> int:
     def body(cfg: FinetuneConfig) -> None:
         # a second finetune.py on the same folder stops at once; SIGTERM or Ctrl-C: state, then exit 143 / 130
-        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop:
+        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop, lines_every(cfg.progress_interval):
             summary = run_experiment(cfg, stop, continue_command("finetune.py", argv))
         print("\n" + auc_table(summary["runs"]))
         print(f"\n{summary['wall_seconds']:.0f} s; wrote {Path(cfg.out_dir) / 'metrics.json'}, the best weights and "

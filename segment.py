@@ -54,6 +54,7 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
+from util.progress import lines_every
 from util.resume import ResumableRun, Skip, claim, continue_command
 from util.run_guard import OutDirLock, StopSignals
 
@@ -757,7 +758,7 @@ def plot_summary(results: list[dict], examples: dict, path) -> None:
 def main(argv=None) -> int:
     def body(cfg: SegmentConfig) -> None:
         # a second segment.py on the same folder stops at once; SIGTERM or Ctrl-C: state, then exit 143 / 130
-        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop:
+        with OutDirLock(cfg.out_dir, "--out-dir"), StopSignals() as stop, lines_every(cfg.progress_interval):
             summary = redraw(cfg) if cfg.redraw else run_experiment(cfg, stop, continue_command("segment.py", argv))
         print("\n" + interval_table(summary["runs"], METRIC_NAMES))
         if all("test_original" in r for r in summary["runs"]):

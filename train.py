@@ -43,7 +43,7 @@ from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import append_line, check_writable, read_checkpoint, read_log, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, resolve_precision, setup_distributed
-from util.progress import Progress
+from util.progress import Progress, lines_every
 from util.released import read_weights
 from util.run_guard import OutDirLock, StopSignals, ignore_stop_signals
 from util.tokenizer import load_tokenizer, train_tokenizer
@@ -243,8 +243,7 @@ def build_dataset(cfg: TrainConfig, model_cfg: MaCoConfig, is_main: bool):
     cache = Path(cfg.cache) if cfg.cache else root / f"cache-{size}"
     if cfg.data == "synthetic" and not cfg.cache and not cache_is_complete(cache):
         if is_main:  # the synthetic world is small: its images are resized once, and training never decodes a JPEG
-            build_cache(MimicCXR(root, split=None, image_size=size), cache, workers=2,
-                        progress_interval=cfg.progress_interval)
+            build_cache(MimicCXR(root, split=None, image_size=size), cache, workers=2)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
     cache = cache if (cfg.cache or cache.exists()) else None
@@ -445,7 +444,8 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
     evaluation (synthetic data). `given`: the settings named on the command line (for --resume checks);
     by default those that differ from TrainConfig's defaults. Holds --out-dir's lock throughout; a SIGTERM or
     Ctrl-C during the steps writes a checkpoint and exits (SystemExit 143 or 130)."""
-    with OutDirLock(cfg.out_dir, "--out-dir", enabled=int(os.environ.get("RANK", "0")) == 0):
+    with OutDirLock(cfg.out_dir, "--out-dir", enabled=int(os.environ.get("RANK", "0")) == 0), \
+            lines_every(cfg.progress_interval):
         run = setup(cfg, given if given is not None else given_flags(cfg))
         with StopSignals() as stop:
             result = train_steps(run, stop)
@@ -458,8 +458,7 @@ def train_steps(run: Run, stop: StopSignals) -> dict:
     ckpt_path, log_path = run.out_dir / "checkpoint.pt", run.out_dir / "log.jsonl"
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, checked at log time only
     done, last, last_out, skipped, empty_steps, window_images, window_start = run.start_step, {}, None, 0, 0, 0, time.time()
-    progress = Progress(run.total_steps, "train", initial=run.start_step, interval=run.cfg.progress_interval,
-                        enabled=run.is_main)
+    progress = Progress(run.total_steps, "train", initial=run.start_step, enabled=run.is_main)
     run.model.train()
     for step, batches in step_batches(run):
         result = train_step(run, step, batches)

@@ -6,12 +6,13 @@ import io
 import time
 
 import pytest
+import torch
 
 import data
 import eval_zeroshot
 import train
 from tools import ablate, alignment
-from util.progress import Progress, track
+from util.progress import DEFAULT_INTERVAL, Progress, lines_every, track
 
 TINY_RUN = ["--batch-size", "8", "--num-workers", "0", "--no-eval", "--log-interval", "1", "--depth", "1",
             "--decoder-depth", "1", "--text-depth", "1", "--vocab-size", "300"]
@@ -65,6 +66,18 @@ def test_units_slower_than_one_a_second_read_as_seconds_each(clock):
     assert log.getvalue().splitlines() == ["ablation: run 1/3 (33%), 300.0 s/run",
                                            "ablation: run 2/3 (67%), 300.0 s/run",
                                            "ablation: run 3/3 (100%), 300.0 s/run"]
+
+
+def test_an_entry_point_sets_the_interval_for_the_loops_inside_it(clock):
+    with lines_every(5):
+        log = io.StringIO()
+        progress = Progress(total=20, desc="zero-shot", unit="batch", file=log)
+        for batch in range(1, 11):
+            clock.now = batch  # one batch a second: a line at 5 s and at 10 s
+            progress.update(loss=torch.tensor(2 / 3))  # a tensor is formatted when shown, 4 significant digits
+    assert log.getvalue().splitlines() == ["zero-shot: batch 5/20 (25%), 1.00 batch/s, loss 0.6667",
+                                           "zero-shot: batch 10/20 (50%), 1.00 batch/s, loss 0.6667"]
+    assert Progress(file=io.StringIO()).interval == DEFAULT_INTERVAL  # restored on leaving
 
 
 def test_a_terminal_gets_a_bar_not_lines(clock):

@@ -39,7 +39,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import macro_auc
-from util.progress import track
+from util.progress import lines_every, track
 from util.run_guard import OutDirLock
 
 VARIANTS = {  # model settings of each variant, on top of the recipe's preset
@@ -147,12 +147,11 @@ def score_variant(cfg: AblateConfig, variant: str, checkpoint: Path) -> dict:
     scores = {"variant": variant, "class_names": class_names, "test_paths": [item.path for item in test.items],
               "labels": test_y.tolist(), "probe": logistic_probe(train_x, train_y, test_x).tolist()}
     if variant not in TEXT_FREE:
-        zero_shot, _ = zero_shot_predictions(model, tokenizer, test, class_names,
-                                             progress_interval=cfg.progress_interval)
+        zero_shot, _ = zero_shot_predictions(model, tokenizer, test, class_names)
         scores["zero_shot"] = zero_shot.tolist()
         grounding = eval_datasets.GroundingDataset(
             eval_datasets.load_ms_cxr(Path(cfg.root) / eval_datasets.MS_CXR_CSV, cfg.root), size, chans)
-        result = evaluate_grounding(model, tokenizer, grounding, progress_interval=cfg.progress_interval)
+        result = evaluate_grounding(model, tokenizer, grounding)
         rows = {"true": result["pairs"], "swapped": result["swapped"]["pairs"], "prior_only": result["prior_only"]["pairs"]}
         scores["grounding"] = {row: [{"path": p["path"], **{m: p[m] for m in GROUNDING_METRICS}} for p in rows[row]]
                                for row in GROUNDING_ROWS}
@@ -286,8 +285,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
                                   variants=cfg.variants if cfg.variants != AblateConfig.variants else "clip,maco")
     jobs = [(variant, seed) for variant in cfg.variant_list for seed in range(cfg.seeds)]
     scores, start = {}, time.time()
-    for variant, seed in track(jobs, "ablation (variant x seed)", interval=cfg.progress_interval, unit="run",
-                               leave=True):
+    for variant, seed in track(jobs, "ablation (variant x seed)", unit="run", leave=True):
         path = out_dir / "scores" / f"{variant}-seed{seed}.json"
         if not path.exists():
             checkpoint = train_variant(cfg, variant, seed, out_dir / "runs" / f"{variant}-seed{seed}")
@@ -309,7 +307,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
 
 def run_alone(cfg: AblateConfig) -> None:
     """run_ablation, holding --out-dir's lock: a second ablation on the same folder stops at once."""
-    with OutDirLock(cfg.out_dir, "--out-dir"):
+    with OutDirLock(cfg.out_dir, "--out-dir"), lines_every(cfg.progress_interval):
         run_ablation(cfg)
 
 

@@ -36,7 +36,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import roc_auc
-from util.progress import track
+from util.progress import lines_every, track
 from util.run_guard import OutDirLock
 from world.synthetic import generate
 
@@ -156,10 +156,9 @@ def held_out_worlds(cfg: AlignmentConfig, out_dir: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def score_checkpoint(checkpoint: Path, worlds: list[Path], progress_interval: float = 30.0) -> dict:
+def score_checkpoint(checkpoint: Path, worlds: list[Path]) -> dict:
     """Per-image and per-pair scores of one checkpoint on the test splits of `worlds` (pooled, paths prefixed by
-    the world's folder name), its text separation and the effective rank of its image embeddings. Progress: a bar
-    on a terminal, else a line every `progress_interval` seconds."""
+    the world's folder name), its text separation and the effective rank of its image embeddings."""
     model, tokenizer = load(checkpoint, verbose=False)
     size, chans = model.cfg.img_size, model.cfg.in_chans
     scores = {"labels": [], "zero_shot": [], "test_paths": [], "grounding": {}, "effective_rank": []}
@@ -167,10 +166,9 @@ def score_checkpoint(checkpoint: Path, worlds: list[Path], progress_interval: fl
         class_names = eval_datasets.synthetic_class_names(root)
         items = eval_datasets.load_synthetic(root, class_names, "test")
         zero_shot, labels = zero_shot_predictions(model, tokenizer, eval_datasets.ClassificationDataset(
-            items, size, chans), class_names, progress_interval=progress_interval)
+            items, size, chans), class_names)
         pairs = eval_datasets.load_ms_cxr(root / eval_datasets.MS_CXR_CSV, root)
-        result = evaluate_grounding(model, tokenizer, eval_datasets.GroundingDataset(pairs, size, chans),
-                                    progress_interval=progress_interval)
+        result = evaluate_grounding(model, tokenizer, eval_datasets.GroundingDataset(pairs, size, chans))
         by_readout = {result["readout"]: {"true": result["pairs"], "swapped": result["swapped"]["pairs"],
                                           "prior_only": result["prior_only"]["pairs"]},
                       result["other_readout"]["readout"]: {c: result["other_readout"][c]["pairs"]
@@ -328,12 +326,11 @@ def run_study(cfg: AlignmentConfig) -> dict:
     jobs = [(factor, seed) for seed in range(cfg.seeds) for factor in cfg.factor_list]  # every factor once first
     worlds = [] if cfg.redraw else held_out_worlds(cfg, out_dir)
     scores, start = {}, time.time()
-    for factor, seed in track(jobs, "alignment study (factor x seed)", interval=cfg.progress_interval, unit="run",
-                              leave=True):
+    for factor, seed in track(jobs, "alignment study (factor x seed)", unit="run", leave=True):
         path = out_dir / "scores" / f"{factor}-seed{seed}.json"
         if not path.exists() and not cfg.redraw:
             checkpoint = train_factor(cfg, factor, seed, out_dir / "runs" / f"{factor}-seed{seed}")
-            write_json(score_checkpoint(checkpoint, worlds, cfg.progress_interval), path)
+            write_json(score_checkpoint(checkpoint, worlds), path)
         if path.exists():
             scores.setdefault(factor, []).append(read_json(path))
     if not scores:
@@ -355,7 +352,7 @@ def run_study(cfg: AlignmentConfig) -> dict:
 
 def run_alone(cfg: AlignmentConfig) -> None:
     """run_study, holding --out-dir's lock: a second study on the same folder stops at once."""
-    with OutDirLock(cfg.out_dir, "--out-dir"):
+    with OutDirLock(cfg.out_dir, "--out-dir"), lines_every(cfg.progress_interval):
         run_study(cfg)
 
 
