@@ -217,9 +217,7 @@ def fit_dense(model: nn.Module, groups: list[dict], batches, setting, loss_of, l
             progress.update(0, **{metric: f"{score:.3f}"})
         progress.update(loss=losses[-1])
         if run is not None:
-            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              best=best, validations=validations,
-                                              losses=[float(x) for x in losses]))
+            run.after_step(step, model, optimizer, best, validations, losses)
     progress.close()
     weights = best.pop("state")
     if setting.test_weights == "best":

@@ -399,9 +399,7 @@ def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: i
             progress.update(0, **{"val AUC": f"{auc:.3f}"})
         progress.update(loss=losses[-1])
         if run is not None:
-            run.after_step(step, lambda: dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                              best=best, validations=validations,
-                                              losses=[float(x) for x in losses]))
+            run.after_step(step, model, optimizer, best, validations, losses)
     progress.close()
     model.load_state_dict(best.pop("state"))
     return dict(best, losses=[float(x) for x in losses], validations=validations)

@@ -103,12 +103,15 @@ class ResumableRun:
         path = self.folder / STATE_FILE
         return read_checkpoint(path, "resumable state") if path.is_file() else None
 
-    def after_step(self, step: int, state_of) -> None:
-        """Write state_of() (a dict with the step's state) when `step` is a multiple of the interval or a signal
-        came; after a signal, say how to continue and exit (SystemExit 143 for SIGTERM, 130 for Ctrl-C)."""
+    def after_step(self, step: int, model, optimizer, best: dict, validations: dict, losses: list) -> None:
+        """After a fit loop's `step`: write its state (what `restore` reads back) when `step` is a multiple of the
+        interval or a signal came; after a signal, say how to continue and exit (SystemExit 143 for SIGTERM, 130
+        for Ctrl-C)."""
         stopping = self.stop is not None and bool(self.stop.requested)
         if stopping or (self.interval and step % self.interval == 0):
-            save_checkpoint(self.folder / STATE_FILE, dict(state_of(), random=random_state()))
+            save_checkpoint(self.folder / STATE_FILE, dict(
+                step=step, model=model.state_dict(), optimizer=optimizer.state_dict(), best=best,
+                validations=validations, losses=[float(loss) for loss in losses], random=random_state()))
         if stopping:
             print(f"stopped at step {step} of {self.folder}; continue with: {self.command}", flush=True)
             raise SystemExit(self.stop.exit_code)
