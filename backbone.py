@@ -1,4 +1,4 @@
-"""The pretrained ViT as a dense feature extractor; shared by segment.py and detect.py.
+"""The pretrained ViT as a dense feature extractor (segment.py, detect.py), and what the three fine-tuning scripts share.
 
 A dense task needs maps, not one vector: the patch tokens of a few blocks, cls dropped, reshaped back onto the
 patch grid (as the released UPerNet segmentation and ViTDet detection read MaCo's encoder). Three pieces:
@@ -10,8 +10,8 @@ patch grid (as the released UPerNet segmentation and ViTDet detection read MaCo'
   layer_decay_groups  AdamW parameter groups with layer-wise learning-rate decay (BEiT / MAE practice) and the
                       weight-decay exemptions of one of three rules
 
-the training loop both run (`fit_dense`: AdamW, validation-based selection, a resumable state), and the choice of
-encoders a fine-tuning script compares (finetune.py, segment.py, detect.py): the pretrained one
+the training loop of the three fine-tuning scripts (`fit_and_select`: validation-based selection, a resumable
+state), and the choice of encoders they compare (finetune.py, segment.py, detect.py): the pretrained one
 (`--ckpt`: a train.py checkpoint or the released maco.pth; `--init`: MAE's ImageNet weights) against a random one of
 the same shape (`--scratch`).
 
@@ -33,7 +33,7 @@ from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import check_writable
 from util.devices import describe_precision, pick_device, resolve_precision
 from util.progress import Progress
-from util.resume import ResumableRun, restore
+from util.resume import ResumableRun, as_floats, restore
 from vit import VisionTransformer
 
 RELEASED_BLOCKS = (3, 5, 7, 11)  # the released out_indices of ViT-B's 12 blocks (blocks 4, 6, 8 and 12)
@@ -185,44 +185,53 @@ def layer_decay_groups(encoder: VisionTransformer, others: nn.Module, weight_dec
     return [groups[key] for key in sorted(groups)]
 
 
-def fit_dense(model: nn.Module, groups: list[dict], batches, setting, loss_of, lr_at, validate, desc: str = "",
-              metric: str = "val", run: ResumableRun | None = None, state: dict | None = None) -> dict:
-    """The training loop of segment.py and detect.py: AdamW (0.9, 0.999) over the layer-decay `groups`; each step
-    the lr lr_at(0-based step) x the group's lr_scale, one batch from `batches`, loss_of(batch) (forward and loss,
-    a scalar tensor), a backward and an optimizer step. Validation (validate(): a score, higher is better) at step
-    0, every setting.eval_interval steps and at the end; the best weights are loaded back at the end
-    (setting.test_weights "best"; "last" keeps the last step's). `run`: writes the resumable state after the steps
-    it says; `state`: an interrupted run's, to continue from (`batches` must continue where it stopped). Returns
+def fit_and_select(model: nn.Module, optimizer: torch.optim.Optimizer, batches, steps: int, eval_interval: int,
+                   loss_of, lr_at, validate, keep: str = "best", clip_grad: float | None = None, on_best=None,
+                   desc: str = "", metric: str = "val", run: ResumableRun | None = None,
+                   state: dict | None = None) -> dict:
+    """The training loop of finetune.py, segment.py and detect.py. Each of `steps` steps: every group of
+    `optimizer` at lr lr_at(steps done before this one) x its lr_scale, one batch from `batches`, loss_of(batch)
+    (forward and loss, a scalar tensor), a backward, the gradient norm clipped to `clip_grad` (None: not clipped)
+    and an optimizer step. Validation (validate(): a score, higher is better) at step 0, every `eval_interval`
+    steps and at the end; on_best(step, score) after each new best. At the end the best step's weights are loaded
+    back (keep "best"; "last" keeps the last step's). `run`: writes the resumable state after the steps it says;
+    `state`: an interrupted run's, to continue from (`batches` must continue where it stopped). Returns
     {best_step, best_val, losses (one per step), validations {step: score}}."""
-    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
     if state is not None:
         start, best, validations, losses = restore(state, model, optimizer)
     else:
         start, best = 0, dict(best_step=0, best_val=validate(), state=copy.deepcopy(model.state_dict()))
         validations, losses = {0: best["best_val"]}, []
-    progress = Progress(setting.steps, desc, start)
+        if on_best is not None:
+            on_best(0, best["best_val"])
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    progress = Progress(steps, desc, start)
     model.train()
-    for step in range(start + 1, setting.steps + 1):
+    for step in range(start + 1, steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1) * group["lr_scale"]
         loss = loss_of(next(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
         optimizer.step()
-        losses.append(loss.detach())  # no host sync per step: floats when the state is written, and at the end
-        if step % setting.eval_interval == 0 or step == setting.steps:
+        losses.append(loss.detach())  # no host sync per step: read back when a state is written, and at the end
+        if step % eval_interval == 0 or step == steps:
             validations[step] = score = validate()
             if score > best["best_val"] or math.isnan(best["best_val"]):
                 best.update(best_step=step, best_val=score, state=copy.deepcopy(model.state_dict()))
+                if on_best is not None:
+                    on_best(step, score)
             progress.update(0, **{metric: f"{score:.3f}"})
         progress.update(loss=losses[-1])
         if run is not None:
             run.after_step(step, model, optimizer, best, validations, losses)
     progress.close()
     weights = best.pop("state")
-    if setting.test_weights == "best":
+    if keep == "best":
         model.load_state_dict(weights)
-    return dict(best, losses=[float(x) for x in losses], validations=validations)
+    return dict(best, losses=as_floats(losses), validations=validations)
 
 
 # ----------------------------------------------------------------------------------------------------------

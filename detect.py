@@ -44,7 +44,7 @@ from backbone import (
     DECAY_EXEMPTIONS,
     ViTBackbone,
     check_encoder_flags,
-    fit_dense,
+    fit_and_select,
     layer_decay_groups,
     recipe_settings,
     resize_pos_embed,
@@ -476,8 +476,9 @@ def true_boxes(items: list[eval_datasets.BoxedImage], size: int) -> list[np.ndar
 
 def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, desc: str,
         run: ResumableRun | None = None, state: dict | None = None) -> dict:
-    """backbone.fit_dense with layer-wise lr decay (setting.layer_decay, decay_exempt), the released warm-up and
-    cosine, the sum of Faster R-CNN's four losses (RPN objectness and box, RoI class and box); validate(): box AP."""
+    """backbone.fit_and_select with AdamW and layer-wise lr decay (setting.layer_decay, decay_exempt), the released
+    warm-up and cosine, the sum of Faster R-CNN's four losses (RPN objectness and box, RoI class and box);
+    validate(): box AP."""
     def loss_of(batch):
         images, targets = batch
         images = [image.to(device, non_blocking=True) for image in images]
@@ -486,9 +487,10 @@ def fit(model: FasterRCNN, batches, setting: DetectConfig, validate, device, des
             return sum(model(images, targets).values())
     groups = layer_decay_groups(model.backbone.vit.encoder, model, setting.weight_decay, setting.layer_decay,
                                 setting.decay_exempt)
-    return fit_dense(model, groups, batches, setting, loss_of,
-                     lambda i: setting.lr * lr_factor(i, setting.warmup_steps, setting.steps), validate, desc,
-                     "val AP", run, state)
+    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
+    return fit_and_select(model, optimizer, batches, setting.steps, setting.eval_interval, loss_of,
+                          lambda i: setting.lr * lr_factor(i, setting.warmup_steps, setting.steps), validate,
+                          setting.test_weights, desc=desc, metric="val AP", run=run, state=state)
 
 
 def run_dir(setting: DetectConfig, init: dict) -> Path:

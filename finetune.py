@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from backbone import check_encoder_flags, new_encoder, preset_name, recipe_settings
+from backbone import check_encoder_flags, fit_and_select, new_encoder, preset_name, recipe_settings
 from data import grey_8bit, to_model_input
 from eval_zeroshot import plot_roc
 from maco import PRESETS, MaCo, MaCoConfig, load
@@ -46,9 +46,9 @@ from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, wr
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import classification_metrics, macro_auc
-from util.progress import Progress, lines_every, track
+from util.progress import lines_every, track
 from util.released import read_weights
-from util.resume import ResumableRun, Skip, claim, continue_command, restore
+from util.resume import ResumableRun, Skip, claim, continue_command
 from util.run_guard import OutDirLock, StopSignals
 from vit import VisionTransformer
 
@@ -359,50 +359,25 @@ def predict(model, batches, device, precision: str) -> tuple[np.ndarray, np.ndar
 
 def fit(model, batches, steps: int, lr: float, warmup_steps: int, epoch_steps: int, setting: FinetuneConfig, validate,
         save, device, desc: str, run: ResumableRun | None = None, state: dict | None = None) -> dict:
-    """SGD (momentum 0.9) on BCE with logits, warm-up + cosine, gradient clipping. Validation (macro AUC) at step
-    0, every setting.eval_interval steps (unset: every 10 epochs of `epoch_steps` steps, as released) and at the end;
-    each new best is saved (save(step, auc)) and the best weights are loaded back at the end. `run`: writes the
-    resumable state after the steps it says; `state`: an interrupted run's, to continue from (`batches` must
-    continue where it stopped). Returns {best_step, best_val_auc, losses (one per step), validations {step: auc}}."""
+    """backbone.fit_and_select with SGD (momentum 0.9; the head's lr x setting.head_lr_scale) on BCE with logits,
+    warm-up + cosine, gradient clipping. Validation (macro AUC) every setting.eval_interval steps (unset: every 10
+    epochs of `epoch_steps` steps, as released); each new best is saved (save(step, auc)) and the best weights are
+    loaded back at the end."""
     params = [p for p in model.parameters() if p.requires_grad]
     head = {id(p) for p in model.head.parameters()} if isinstance(model, Classifier) else set()
     groups = [dict(params=[p for p in params if id(p) not in head], lr_scale=1.0),
               dict(params=[p for p in params if id(p) in head], lr_scale=setting.head_lr_scale)]
     optimizer = torch.optim.SGD([group for group in groups if group["params"]], lr=lr, momentum=0.9,
                                 weight_decay=setting.weight_decay)
-    if state is not None:
-        start, best, validations, losses = restore(state, model, optimizer)
-    else:
-        start, best = 0, dict(best_step=0, best_val_auc=validate(), state=copy.deepcopy(model.state_dict()))
-        save(0, best["best_val_auc"])
-        validations, losses = {0: best["best_val_auc"]}, []
-    eval_interval = setting.eval_interval or 10 * epoch_steps
-    progress = Progress(steps, desc, start)
-    model.train()
-    for step in range(start + 1, steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = finetune_lr(step, lr, warmup_steps, steps) * group["lr_scale"]
-        inputs, labels = next(batches)
+
+    def loss_of(batch):
+        inputs, labels = batch
         with autocast(device, setting.precision):
             logits = model(inputs.to(device, non_blocking=True))
-        loss = bce_loss(logits, labels.to(device, non_blocking=True))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, setting.clip_grad)
-        optimizer.step()
-        losses.append(loss.detach())  # no host sync per step: floats when the state is written, and at the end
-        if step % eval_interval == 0 or step == steps:
-            validations[step] = auc = validate()
-            if auc > best["best_val_auc"] or math.isnan(best["best_val_auc"]):
-                best.update(best_step=step, best_val_auc=auc, state=copy.deepcopy(model.state_dict()))
-                save(step, auc)
-            progress.update(0, **{"val AUC": f"{auc:.3f}"})
-        progress.update(loss=losses[-1])
-        if run is not None:
-            run.after_step(step, model, optimizer, best, validations, losses)
-    progress.close()
-    model.load_state_dict(best.pop("state"))
-    return dict(best, losses=[float(x) for x in losses], validations=validations)
+        return bce_loss(logits, labels.to(device, non_blocking=True))
+    return fit_and_select(model, optimizer, batches, steps, setting.eval_interval or 10 * epoch_steps, loss_of,
+                          lambda i: finetune_lr(i + 1, lr, warmup_steps, steps), validate, clip_grad=setting.clip_grad,
+                          on_best=save, desc=desc, metric="val AUC", run=run, state=state)
 
 
 def loader(dataset, batch_size: int, setting: FinetuneConfig, device, sampler=None):
@@ -524,7 +499,7 @@ def evaluate_run(model: Classifier, init: dict, mode: str, data: dict, setting: 
     return dict(recipe=setting.recipe, data=RECIPES[setting.recipe]["data"], label_fraction=setting.label_fraction,
                 init=init["name"], init_label=init["label"], mode=mode, train_images=len(data["train"]),
                 train_positives=data["train_positives"], val_images=len(data["val"]), batch_size=history["batch_size"],
-                best_step=history["best_step"], val_macro_auc=history["best_val_auc"],
+                best_step=history["best_step"], val_macro_auc=history["best_val"],
                 validations=history["validations"], first_loss=losses[0] if losses else None,
                 last_loss=float(np.mean(losses[-5:])) if losses else None, seconds=round(seconds, 1),
                 weights=str(folder / "best.pt"), test=metrics)

@@ -40,7 +40,7 @@ from backbone import (
     ViTBackbone,
     block_indices_for,
     check_encoder_flags,
-    fit_dense,
+    fit_and_select,
     layer_decay_groups,
     recipe_settings,
     resize_pos_embed,
@@ -555,8 +555,9 @@ def loader(dataset, setting: SegmentConfig, device, sampler=None):
 
 def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, desc: str = "",
         run: ResumableRun | None = None, state: dict | None = None) -> dict:
-    """backbone.fit_dense with layer-wise lr decay (setting.layer_decay, layer_ids, decay_exempt), mmcv's poly
-    schedule, focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4); validate(): the Dice of setting.select_by."""
+    """backbone.fit_and_select with AdamW and layer-wise lr decay (setting.layer_decay, layer_ids, decay_exempt),
+    mmcv's poly schedule, focal x 2 + Dice (+ the auxiliary head's 0.8 + 0.4); validate(): the Dice of
+    setting.select_by."""
     def loss_of(batch):
         images, masks = (tensor.to(device, non_blocking=True) for tensor in batch)
         with autocast(device, setting.precision):
@@ -567,9 +568,10 @@ def fit(model: Segmenter, batches, setting: SegmentConfig, validate, device, des
         return loss
     groups = layer_decay_groups(model.backbone.encoder, model, setting.weight_decay, setting.layer_decay,
                                 setting.decay_exempt, setting.layer_ids)
-    return fit_dense(model, groups, batches, setting, loss_of,
-                     lambda i: segment_lr(i, setting.lr, setting.warmup_steps, setting.steps), validate, desc,
-                     f"val {setting.select_by}", run, state)
+    optimizer = torch.optim.AdamW(groups, lr=setting.lr, betas=(0.9, 0.999))
+    return fit_and_select(model, optimizer, batches, setting.steps, setting.eval_interval, loss_of,
+                          lambda i: segment_lr(i, setting.lr, setting.warmup_steps, setting.steps), validate,
+                          setting.test_weights, desc=desc, metric=f"val {setting.select_by}", run=run, state=state)
 
 
 # ----------------------------------------------------------------------------------------------------------

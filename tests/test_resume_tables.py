@@ -22,6 +22,7 @@ from test_finetune import write_train_checkpoint
 import detect
 import finetune
 import segment
+from util.resume import as_floats
 
 KILLS = int(os.environ.get("MACO_FAULT_KILLS", "1"))
 FAULT_SEED = int(os.environ.get("MACO_FAULT_SEED", "0"))
@@ -163,3 +164,14 @@ def test_a_changed_setting_on_the_same_out_dir_names_its_flag(synthetic_root, ch
     assert segment.main(["--recipe", "synthetic", "--seed", "1", "--progress-interval", "5", *args]) == 0
     printed = capsys.readouterr().out
     assert "synthetic-1 scratch: finished earlier" in printed and "synthetic-10 scratch: finished" not in printed
+
+
+def test_as_floats_reads_back_the_losses_added_since_its_last_call_in_place():
+    losses = [torch.tensor(0.5), torch.tensor(1.25, dtype=torch.bfloat16)]
+    assert as_floats(losses) is losses and losses == [0.5, 1.25]
+    assert all(type(loss) is float for loss in losses)
+    third = torch.tensor(1 / 3)
+    losses.append(third)
+    as_floats(losses)
+    assert losses == [0.5, 1.25, float(third)] and type(losses[2]) is float  # float32's value, as float(tensor)
+    assert as_floats([]) == [] and as_floats([2.0]) == [2.0]

@@ -111,7 +111,7 @@ class ResumableRun:
         if stopping or (self.interval and step % self.interval == 0):
             save_checkpoint(self.folder / STATE_FILE, dict(
                 step=step, model=model.state_dict(), optimizer=optimizer.state_dict(), best=best,
-                validations=validations, losses=[float(loss) for loss in losses], random=random_state()))
+                validations=validations, losses=as_floats(losses), random=random_state()))
         if stopping:
             print(f"stopped at step {step} of {self.folder}; continue with: {self.command}", flush=True)
             raise SystemExit(self.stop.exit_code)
@@ -126,6 +126,17 @@ class ResumableRun:
         """The run is complete: its result, written last; its resumable state is no longer needed."""
         write_json(result, self.folder / RESULT_FILE)
         (self.folder / STATE_FILE).unlink(missing_ok=True)
+
+
+def as_floats(losses: list) -> list:
+    """A fit loop's losses as floats, in place: the tensors appended since the last call are read back in one
+    transfer (one host sync however many steps; each earlier loss is read once, not at every state)."""
+    first = len(losses)
+    while first and isinstance(losses[first - 1], torch.Tensor):
+        first -= 1
+    if first < len(losses):
+        losses[first:] = torch.stack(losses[first:]).tolist()  # (steps since the last call,) -> floats
+    return losses
 
 
 def restore(state: dict, model, optimizer) -> tuple[int, dict, dict, list]:
