@@ -1,4 +1,4 @@
-"""The pretrained ViT as a dense feature extractor (segment.py, detect.py), and what the three fine-tuning scripts share.
+"""The pretrained ViT as a dense feature extractor (segment.py, detect.py); what the three fine-tuning scripts share.
 
 A dense task needs maps, not one vector: the patch tokens of a few blocks, cls dropped, reshaped back onto the
 patch grid (as the released UPerNet segmentation and ViTDet detection read MaCo's encoder). Three pieces:
