@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from util.checkpoint import WriteError, read_json, write_atomic
 from util.cli import check_options, option, run_script
-from util.progress import Progress, lines_every
+from util.progress import Progress, lines_every, progress_interval_option
 from util.run_guard import OutDirLock
 from util.tokenizer import encode_texts
 
@@ -605,8 +605,7 @@ class CacheConfig:
     resize: str = option("letterbox", "letterbox (pad) or crop", choices=RESIZE_MODES)
     chunk_size: int = option(256, "images per flushed chunk", minimum=1)
     workers: int = option(2, "image decoding processes", minimum=0)
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                            "terminal gets a bar)", minimum=0)
+    progress_interval: float = progress_interval_option()
 
     def __post_init__(self):
         check_options(self)

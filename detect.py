@@ -58,8 +58,8 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import box_ap_metrics, interval_table
-from util.progress import lines_every
-from util.resume import ResumableRun, Skip, claim, continue_command
+from util.progress import lines_every, progress_interval_option
+from util.resume import ResumableRun, Skip, claim, continue_command, fresh_option, state_interval_option
 from util.run_guard import OutDirLock, StopSignals
 
 # (peak lr, iterations, warm-up iterations, validation interval) per percentage of the training images: the released
@@ -160,11 +160,9 @@ class DetectConfig:
     examples: int = option(4, "test images drawn with their true and predicted boxes", minimum=0)
     out_dir: str = option("runs/detect", "where metrics.json, weights and the figure go; rerunning the same command on "
                           "the same folder continues its table (finished runs are kept, an interrupted one resumes)")
-    fresh: bool = option(False, "start the runs of this command over instead of continuing them")
-    state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
-                                 "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                      "terminal gets a bar)", minimum=0)
+    fresh: bool = fresh_option()
+    state_interval: int = state_interval_option()
+    progress_interval: float = progress_interval_option()
     figure: str = option("", "also draw the figure here (docs/detection.md's copy: docs/detection.png)")
     n_boot: int = option(1000, "bootstrap resamples for the 95% intervals", minimum=1)
     seed: int = option(0, "seed of the training subsets, the new layers and the data order", minimum=0)

@@ -45,7 +45,7 @@ from util.metrics import (
     roc_curve,
     to_numpy,
 )
-from util.progress import lines_every, track
+from util.progress import lines_every, progress_interval_option, track
 from util.tokenizer import encode_texts
 
 # Released prompt lists (official ZeroShot/utils/prompts.py:3-31); {c} is the lower-cased class name.
@@ -387,8 +387,7 @@ class EvalConfig:
     precision: str = option("auto", "bf16 autocast or fp32 for the model's forward passes (auto: bf16 on GPUs and "
                                     "CPUs with native bf16, see docs/speed.md); scores are float32 either way",
                             choices=PRECISIONS)
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                            "terminal gets a bar)", minimum=0)
+    progress_interval: float = progress_interval_option()
 
     def __post_init__(self):
         check_options(self)

@@ -46,9 +46,9 @@ from util.checkpoint import check_writable, read_checkpoint, save_checkpoint, wr
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, pick_device, resolve_precision
 from util.metrics import classification_metrics, macro_auc
-from util.progress import lines_every, track
+from util.progress import lines_every, progress_interval_option, track
 from util.released import read_weights
-from util.resume import ResumableRun, Skip, claim, continue_command
+from util.resume import ResumableRun, Skip, claim, continue_command, fresh_option, state_interval_option
 from util.run_guard import OutDirLock, StopSignals
 from vit import VisionTransformer
 
@@ -125,11 +125,9 @@ class FinetuneConfig:
     out_dir: str = option("runs/finetune", "where metrics.json, the best weights and the ROC plots go; rerunning the "
                           "same command on the same folder continues its table (finished runs are kept, an "
                           "interrupted one resumes)")
-    fresh: bool = option(False, "start the runs of this command over instead of continuing them")
-    state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
-                                 "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                      "terminal gets a bar)", minimum=0)
+    fresh: bool = fresh_option()
+    state_interval: int = state_interval_option()
+    progress_interval: float = progress_interval_option()
     figure: str = option(None, "AUC against label fraction figure (default <out-dir>/label_efficiency.png; the "
                          "copy in docs/finetuning.md: --figure docs/label_efficiency.png)")
     n_boot: int = option(1000, "bootstrap resamples for the test macro-AUC 95% interval", minimum=1)

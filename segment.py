@@ -54,8 +54,8 @@ from util.checkpoint import read_arrays, save_checkpoint, write_arrays, write_at
 from util.cli import check_options, option, run_script
 from util.devices import PRECISIONS, autocast
 from util.metrics import dice_scores, interval_table, overlap_counts, segmentation_metrics
-from util.progress import lines_every
-from util.resume import ResumableRun, Skip, claim, continue_command
+from util.progress import lines_every, progress_interval_option
+from util.resume import ResumableRun, Skip, claim, continue_command, fresh_option, state_interval_option
 from util.run_guard import OutDirLock, StopSignals
 
 # (learning rate, iterations, warm-up iterations, validation interval) per percentage of the training masks: the
@@ -144,11 +144,9 @@ class SegmentConfig:
     overlays: int = option(4, "test images drawn with their predicted and true masks", minimum=0)
     out_dir: str = option("runs/segment", "where metrics.json, weights and figures go; rerunning the same command on "
                           "the same folder continues its table (finished runs are kept, an interrupted one resumes)")
-    fresh: bool = option(False, "start the runs of this command over instead of continuing them")
-    state_interval: int = option(100, "steps between the resumable states of a run (<run>/state.pt; also written at "
-                                 "SIGTERM or Ctrl-C); 0: only at a signal", minimum=0)
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                      "terminal gets a bar)", minimum=0)
+    fresh: bool = fresh_option()
+    state_interval: int = state_interval_option()
+    progress_interval: float = progress_interval_option()
     figure: str = option("", "also draw the summary figure here (docs/segmentation.md's copy: docs/segmentation.png)")
     redraw: bool = option(False, "train nothing: print the table and draw the figures from the results already in "
                           "--out-dir (metrics.json, examples.npz)")

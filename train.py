@@ -43,7 +43,7 @@ from maco import PRESETS, MaCo, MaCoConfig, load
 from util.checkpoint import append_line, check_writable, read_checkpoint, read_log, save_checkpoint, write_atomic
 from util.cli import as_flags, check_options, given_flags, option, overrides, run_script
 from util.devices import PRECISIONS, autocast, describe_precision, resolve_precision, setup_distributed
-from util.progress import Progress, lines_every
+from util.progress import Progress, lines_every, progress_interval_option
 from util.released import read_weights
 from util.run_guard import OutDirLock, StopSignals, ignore_stop_signals
 from util.tokenizer import load_tokenizer, train_tokenizer
@@ -112,8 +112,7 @@ class TrainConfig:
     stop_after_steps: int = option(0, "end early after this many optimizer steps, as if killed (0 = run the schedule)",
                                    minimum=0)
     eval: bool = option(True, "synthetic data: evaluate zero-shot and grounding on the test split at the end")
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                            "terminal gets a bar)", minimum=0)
+    progress_interval: float = progress_interval_option()
     model: dict = overrides(MaCoConfig, PRESETS, "model settings (each defaults to the preset's value)")
 
     def __post_init__(self):

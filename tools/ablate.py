@@ -39,7 +39,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import macro_auc
-from util.progress import lines_every, track
+from util.progress import lines_every, progress_interval_option, track
 from util.run_guard import OutDirLock
 
 VARIANTS = {  # model settings of each variant, on top of the recipe's preset
@@ -68,8 +68,7 @@ class AblateConfig:
     num_workers: int = option(None, "DataLoader workers of training (default: train.py's, 0 when every image is "
                                     "cached, else 2)", minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                            "terminal gets a bar)", minimum=0)
+    progress_interval: float = progress_interval_option()
 
     def __post_init__(self):
         check_options(self)

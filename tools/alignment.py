@@ -36,7 +36,7 @@ from util import eval_datasets
 from util.checkpoint import check_writable, read_json, write_atomic, write_json
 from util.cli import check_options, option, run_script
 from util.metrics import roc_auc
-from util.progress import lines_every, track
+from util.progress import lines_every, progress_interval_option, track
 from util.run_guard import OutDirLock
 from world.synthetic import generate
 
@@ -85,8 +85,7 @@ class AlignmentConfig:
                                     "cached; on a GPU give 8 or more: the loader, not the tiny model, is the limit)",
                               minimum=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    progress_interval: float = option(30.0, "seconds between progress lines when the output is not a terminal (a "
-                                            "terminal gets a bar)", minimum=0)
+    progress_interval: float = progress_interval_option()
 
     def __post_init__(self):
         check_options(self)

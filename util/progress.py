@@ -21,8 +21,16 @@ import time
 
 from tqdm import tqdm
 
+from util.cli import option
+
 DEFAULT_INTERVAL = 30.0  # seconds between lines, unless an entry point says otherwise (lines_every)
 _interval = DEFAULT_INTERVAL
+
+
+def progress_interval_option():
+    """Every entry point's --progress-interval flag (the field of its config), passed to lines_every."""
+    return option(DEFAULT_INTERVAL, "seconds between progress lines when the output is not a terminal (a terminal "
+                  "gets a bar)", minimum=0)
 
 
 @contextlib.contextmanager

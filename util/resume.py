@@ -28,12 +28,24 @@ from pathlib import Path
 import torch
 
 from util.checkpoint import read_checkpoint, read_json, save_checkpoint, write_json
+from util.cli import option
 from util.run_guard import StopSignals
 
 # settings that change how a table runs or where it writes, not what a run computes: free to differ on a rerun
 SESSION_FIELDS = ("out_dir", "figure", "redraw", "fresh", "device", "workers", "progress_interval", "state_interval")
 TABLE_FIELDS = ("recipe", "scratch", "linear_probe")  # which runs a table holds (a run's folder names its recipe)
 STATE_FILE, RESULT_FILE, SETTINGS_FILE = "state.pt", "result.json", "settings.json"
+
+
+def fresh_option():
+    """The --fresh flag of the three scripts (the field of their configs), passed to claim."""
+    return option(False, "start the runs of this command over instead of continuing them")
+
+
+def state_interval_option():
+    """The --state-interval flag of the three scripts, ResumableRun's interval."""
+    return option(100, "steps between the resumable states of a run (<run>/state.pt; also written at SIGTERM or "
+                  "Ctrl-C); 0: only at a signal", minimum=0)
 
 
 def continue_command(script: str, argv: list[str] | None) -> str:
